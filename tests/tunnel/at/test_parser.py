@@ -1,0 +1,317 @@
+"""ATParser against recorded dialogues, fed whole, byte by byte and cut anywhere."""
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tunnel.at.events import (
+    NEED_DATA,
+    DnsAddress,
+    DnsHeader,
+    Echo,
+    Event,
+    FinalError,
+    FinalOK,
+    Incoming,
+    IncomingFull,
+    Info,
+    NtpResult,
+    OpenResult,
+    PdpDeactivated,
+    PingReply,
+    PingSummary,
+    Prompt,
+    ReadData,
+    Ready,
+    Recv,
+    RecvNotify,
+    SendFail,
+    SendOK,
+    SocketClosed,
+    Unparsed,
+    Urc,
+)
+from tunnel.at.parser import NO_INFO, ATParser, Expect
+
+# Payload made of everything that looks like AT: it must come out as plain bytes.
+NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00ERROR\r\n\r\nSEND OK\r\nRDY\r\n'
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    pieces, last = [], 0
+    for p in [*points, len(data)]:
+        pieces.append(data[last:p])
+        last = p
+    return pieces
+
+
+def run(pieces: list[bytes], expects: list[Expect | None] | None = None) -> list[Event]:
+    """Feed pieces; `expects` are armed in order each time a final result ends a command."""
+    p = ATParser()
+    pending = list(expects or [])
+    if pending:
+        first = pending.pop(0)
+        if first is not None:
+            p.command_sent(first)
+    out: list[Event] = []
+    for piece in pieces:
+        p.receive_data(piece)
+        while (ev := p.next_event()) is not NEED_DATA:
+            assert isinstance(ev, Event)
+            out.append(ev)
+            if isinstance(ev, FinalOK | FinalError | SendOK | SendFail) and pending:
+                nxt = pending.pop(0)
+                if nxt is not None:
+                    p.command_sent(nxt)
+            if isinstance(ev, Prompt) and pending:
+                nxt = pending.pop(0)
+                if nxt is not None:
+                    p.command_sent(nxt)
+    return out
+
+
+def whole_bytewise_and_cut(data: bytes, expected: list[Event], expects=None) -> None:
+    assert run([data], expects) == expected
+    assert run([data[i : i + 1] for i in range(len(data))], expects) == expected
+    assert run(split(data, [len(data) // 3, len(data) // 2]), expects) == expected
+
+
+# --- boot and echo (DESIGN.md wire facts) --------------------------------------------------
+
+BOOT = b"\r\nRDY\r\n\r\n+CFUN: 1\r\n\r\n+CPIN: READY\r\n\r\n+QIND: SMS DONE\r\n" + b"AT\r\r\nOK\r\n"
+
+
+def test_boot_urcs_then_echoed_at() -> None:
+    expected = [
+        Ready(),
+        Urc(b"+CFUN: 1"),
+        Urc(b"+CPIN: READY"),
+        Urc(b"+QIND: SMS DONE"),
+        Echo(b"AT"),
+        FinalOK(),
+    ]
+    whole_bytewise_and_cut(BOOT, expected)
+
+
+def test_cpin_is_info_only_when_asked() -> None:
+    data = b"\r\n+CPIN: READY\r\n\r\nOK\r\n"
+    assert run([data], [Expect(info=b"+CPIN:")]) == [Info(b"+CPIN: READY"), FinalOK()]
+    assert run([data]) == [Urc(b"+CPIN: READY"), FinalOK()]
+
+
+# --- the manual's chapter 4 dialogues (modem side) -----------------------------------------
+
+QIACT_QUERY = b'\r\n+QIACT: 1,1,1,"10.7.157.1"\r\n\r\nOK\r\n'
+
+
+def test_qiact_query() -> None:
+    whole_bytewise_and_cut(
+        QIACT_QUERY,
+        [Info(b'+QIACT: 1,1,1,"10.7.157.1"'), FinalOK()],
+        [Expect(info=b"+QIACT:")],
+    )
+
+
+def test_qiopen_ok_then_urc() -> None:
+    data = b"\r\nOK\r\n\r\n+QIOPEN: 0,0\r\n"
+    whole_bytewise_and_cut(data, [FinalOK(), OpenResult(0, 0)], [NO_INFO])
+
+
+def test_qiopen_failure_urc_and_cme_error_forms() -> None:
+    data = b"\r\nOK\r\n\r\n+QIOPEN: 3,565\r\n\r\n+CME ERROR: 562\r\n\r\nERROR\r\n"
+    assert run([data]) == [FinalOK(), OpenResult(3, 565), FinalError(562, "562"), FinalError()]
+    text = b"\r\n+CME ERROR: SIM not inserted\r\n"
+    assert run([text]) == [FinalError(None, "SIM not inserted")]
+
+
+SEND_DIALOGUE = b"\r\n> " + b"\r\nSEND OK\r\n" + b"\r\n> " + b"\r\nSEND FAIL\r\n"
+
+
+def test_send_prompt_then_results() -> None:
+    expects = [Expect(prompt=True), NO_INFO, Expect(prompt=True), NO_INFO]
+    whole_bytewise_and_cut(SEND_DIALOGUE, [Prompt(), SendOK(), Prompt(), SendFail()], expects)
+
+
+def test_prompt_not_recognised_unless_armed() -> None:
+    assert run([b"\r\n> \r\nOK\r\n"]) == [Unparsed(b">"), FinalOK()]
+
+
+def test_prompt_without_space_and_push_before_prompt() -> None:
+    data = b'\r\n+QIURC: "recv",2,3\r\nabc\r\n\r\n>\r\nSEND OK\r\n'
+    assert run([data], [Expect(prompt=True), NO_INFO]) == [
+        Recv(2, b"abc"),
+        Prompt(),
+        SendOK(),
+    ]
+
+
+PUSH = (
+    b'\r\n+QIURC: "recv",0,4\r\ntest\r\n'
+    + b'\r\n+QIURC: "recv",11,'
+    + str(len(NASTY)).encode()
+    + b"\r\n"
+    + NASTY
+    + b"\r\n"
+    + b'\r\n+QIURC: "recv",1,2\r\nno'  # no trailing CRLF: the manual allows it
+    + b'\r\n+QIURC: "recv",2,5,"10.7.76.34",7687\r\nAAAAA'
+    + b'\r\n+QIURC: "closed",11\r\n'
+)
+PUSH_EVENTS = [
+    Recv(0, b"test"),
+    Recv(11, NASTY),
+    Recv(1, b"no"),
+    Recv(2, b"AAAAA", ("10.7.76.34", 7687)),
+    SocketClosed(11),
+]
+
+
+def test_push_frames_count_bytes_never_look_inside() -> None:
+    whole_bytewise_and_cut(PUSH, PUSH_EVENTS)
+
+
+@given(st.lists(st.integers(0, len(PUSH))))
+def test_push_any_split(cuts: list[int]) -> None:
+    assert run(split(PUSH, cuts)) == PUSH_EVENTS
+
+
+def test_push_payload_starting_with_crlf_and_gt() -> None:
+    payload = b"\r\n> \r\n"
+    data = b'\r\n+QIURC: "recv",4,6\r\n' + payload + b"\r\n\r\n> "
+    assert run([data], [Expect(prompt=True)]) == [Recv(4, payload), Prompt()]
+
+
+QIRD = (
+    b'\r\n+QIURC: "recv",0\r\n'
+    + b"\r\n+QIRD: "
+    + str(len(NASTY)).encode()
+    + b"\r\n"
+    + NASTY
+    + b"\r\n\r\nOK\r\n"
+    + b"\r\n+QIRD: 0\r\n\r\nOK\r\n"
+    + b"\r\n+QIRD: 5,5,0\r\n\r\nOK\r\n"
+    + b'\r\n+QIRD: 4,"10.7.76.34",7687\r\nAAAA\r\nOK\r\n'
+)
+
+
+@given(st.lists(st.integers(0, len(QIRD))))
+def test_buffer_mode_read_any_split(cuts: list[int]) -> None:
+    read = Expect(info=b"+QIRD:", read_data=True)
+    query = Expect(info=b"+QIRD:")
+    assert run(split(QIRD, cuts), [read, read, query, read]) == [
+        RecvNotify(0),
+        ReadData(NASTY),
+        FinalOK(),
+        Info(b"+QIRD: 0"),
+        FinalOK(),
+        Info(b"+QIRD: 5,5,0"),
+        FinalOK(),
+        ReadData(b"AAAA", ("10.7.76.34", 7687)),
+        FinalOK(),
+    ]
+
+
+URCS = (
+    b'\r\n+QIURC: "pdpdeact",1\r\n'
+    b'\r\n+QIURC: "incoming full"\r\n'
+    b'\r\n+QIURC: "incoming",11,1,"172.31.242.222",54091\r\n'
+    b'\r\n+QIURC: "dnsgip",0,2,600\r\n'
+    b'\r\n+QIURC: "dnsgip","198.18.0.1"\r\n'
+    b'\r\n+QIURC: "dnsgip","198.18.0.2"\r\n'
+    b'\r\n+QIURC: "dnsgip",565\r\n'
+    b"\r\n+QPING: 0,61.135.169.125,32,147,255\r\n"
+    b"\r\n+QPING: 1\r\n"
+    b'\r\n+QPING: 0,"10.0.0.1",32,5,64\r\n'
+    b"\r\n+QPING: 2,4,4,0,96,147,111\r\n"
+    b"\r\n+QPING: 565\r\n"
+    b'\r\n+QNTP: 0,"2013/08/19,11:10:10+32"\r\n'
+)
+
+
+def test_urcs() -> None:
+    whole_bytewise_and_cut(
+        URCS,
+        [
+            PdpDeactivated(1),
+            IncomingFull(),
+            Incoming(11, 1, ("172.31.242.222", 54091)),
+            DnsHeader(0, 2, 600),
+            DnsAddress("198.18.0.1"),
+            DnsAddress("198.18.0.2"),
+            DnsHeader(565, 0, 0),
+            PingReply(0, "61.135.169.125", 32, 147, 255),
+            PingReply(1),
+            PingReply(0, "10.0.0.1", 32, 5, 64),
+            PingSummary(2, 4, 4, 0, 96, 147, 111),
+            PingSummary(565),
+            NtpResult(0, "2013/08/19,11:10:10+32"),
+        ],
+    )
+
+
+def test_urc_between_response_lines() -> None:
+    data = (
+        b'\r\n+QISTATE: 0,"TCP","127.0.0.1",80,0,2,1,0,1,"usbmodem"\r\n'
+        b'\r\n+QIURC: "recv",0,3\r\nxyz\r\n'
+        b'\r\n+QISTATE: 1,"TCP","127.0.0.1",81,0,2,1,0,1,"usbmodem"\r\n'
+        b"\r\nOK\r\n"
+    )
+    assert run([data], [Expect(info=b"+QISTATE:")]) == [
+        Info(b'+QISTATE: 0,"TCP","127.0.0.1",80,0,2,1,0,1,"usbmodem"'),
+        Recv(0, b"xyz"),
+        Info(b'+QISTATE: 1,"TCP","127.0.0.1",81,0,2,1,0,1,"usbmodem"'),
+        FinalOK(),
+    ]
+
+
+def test_free_text_info_for_ati() -> None:
+    data = b"\r\nQuectel\r\nUC20\r\nRevision: UC20EMU01A01\r\n\r\nOK\r\n"
+    assert run([data], [Expect(info=b"")]) == [
+        Info(b"Quectel"),
+        Info(b"UC20"),
+        Info(b"Revision: UC20EMU01A01"),
+        FinalOK(),
+    ]
+
+
+# --- garbage ------------------------------------------------------------------------------
+
+
+def test_garbage_lines_are_skipped_without_losing_framing() -> None:
+    data = (
+        b'\r\n+QIURC: "recv",0,3\r\nabc\r\n'
+        b"\r\n\xff\xfe garbage\x00 line\r\n"
+        b'\x00\x00+QIURC: "recv",0,3\r\ndef'
+        b'junk+QIURC: "closed",0\r\n'
+        b"\r\nOK\r\n"
+    )
+    out = run([data])
+    assert [e for e in out if not isinstance(e, Unparsed)] == [
+        Recv(0, b"abc"),
+        Recv(0, b"def"),
+        SocketClosed(0),
+        FinalOK(),
+    ]
+    assert Unparsed(b"\xff\xfe garbage\x00 line") in out
+    assert Unparsed(b"junk") in out
+
+
+def test_endless_line_is_cut_and_reported() -> None:
+    p = ATParser()
+    p.receive_data(b"x" * 10000)
+    ev = p.next_event()
+    assert isinstance(ev, Unparsed)
+    assert len(ev.line) == 4096
+
+
+def test_malformed_recv_header_is_unparsed() -> None:
+    assert run([b'\r\n+QIURC: "recv",x,5\r\n']) == [Unparsed(b'+QIURC: "recv",x,5')]
+
+
+def test_buffer_is_compacted() -> None:
+    p = ATParser()
+    frame = b'\r\n+QIURC: "recv",0,1000\r\n' + bytes(1000)
+    for _ in range(500):
+        p.receive_data(frame)
+        assert p.next_event() == Recv(0, bytes(1000))
+    assert p.buffered == 0
+    assert len(p._buf) < 4 * len(frame)
