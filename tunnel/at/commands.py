@@ -142,6 +142,10 @@ def cgreg_query() -> Command:
     return _cmd("CGREG", "AT+CGREG?", expect=Expect(info=b"+CGREG:"))
 
 
+def cereg_query() -> Command:
+    return _cmd("CEREG", "AT+CEREG?", expect=Expect(info=b"+CEREG:"))
+
+
 def csq() -> Command:
     return _cmd("CSQ", "AT+CSQ", expect=Expect(info=b"+CSQ:"))
 
@@ -268,9 +272,7 @@ def qidnscfg(context_id: int, primary: str, secondary: str = "") -> Command:
 
 
 def qidnsgip(context_id: int, host: str) -> Command:
-    return _cmd(
-        "QIDNSGIP", f'AT+QIDNSGIP={_ctx(context_id)},"{check_host(host)}"', tcpip=True
-    )
+    return _cmd("QIDNSGIP", f'AT+QIDNSGIP={_ctx(context_id)},"{check_host(host)}"', tcpip=True)
 
 
 def qping(context_id: int, host: str, timeout: int = 1, count: int = 4) -> Command:

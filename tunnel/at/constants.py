@@ -19,8 +19,9 @@ ACCESS_BUFFER: Final = 0
 ACCESS_PUSH: Final = 1
 ACCESS_TRANSPARENT: Final = 2
 
-# Maximum response times, seconds. 1.1 Notes: every command 60 s unless stated; 2.2 QIACT 150 s;
-# 2.3 QIDEACT 40 s; 2.4 the +QIOPEN URC 150 s; 2.5 QICLOSE 10 s; 2.11 QNTP 125 s; 2.13 QIDNSGIP 60 s.
+# Maximum response times, seconds. 1.1 Notes: every command 60 s unless stated;
+# 2.2 QIACT 150 s; 2.3 QIDEACT 40 s; 2.4 the +QIOPEN URC 150 s; 2.5 QICLOSE 10 s;
+# 2.11 QNTP 125 s; 2.13 QIDNSGIP 60 s.
 DEFAULT_TIMEOUT: Final = 60.0
 TIMEOUTS: Final[dict[str, float]] = {
     "QIACT": 150.0,

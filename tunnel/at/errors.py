@@ -102,3 +102,14 @@ class CommandTimeout(ModemError):
 
 class ModemGone(ModemError):
     """The modem rebooted, the port closed, or the daemon is shutting the modem down."""
+
+
+class ModemRebooted(ModemGone):
+    """`RDY` arrived: the modem restarted on its own (or was reset); every socket is gone."""
+
+
+class SendBufferFull(CommandError):
+    """`SEND FAIL`: the modem's send buffer is full; the same bytes may be retried (2.7)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(command, None, "SEND FAIL")

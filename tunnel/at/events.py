@@ -31,7 +31,7 @@ class FinalOK(Event):
 
 @dataclass(frozen=True, slots=True)
 class FinalError(Event):
-    """`ERROR` (code None: ask AT+QIGETERROR), `+CME ERROR: <n>|<text>`, `+CMS ERROR`, `NO CARRIER`."""
+    """`ERROR` (code None: ask AT+QIGETERROR), `+CME ERROR: <n>|<text>`, `NO CARRIER`."""
 
     code: int | None = None
     text: str = ""

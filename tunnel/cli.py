@@ -1,0 +1,159 @@
+"""`uc20-tunnel`: the command line (run, emulator)."""
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import config
+from .at.errors import ModemError
+from .config import ConfigError, Settings
+from .daemon import Daemon
+from .serialport import SerialPortError
+
+log = logging.getLogger("tunnel")
+
+
+def _parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="uc20-tunnel",
+        description="PPP-less network adapter: SOCKS5 and TUN over the UC20 TCP/IP stack.",
+    )
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon", description="Run the daemon.")
+    run.add_argument("--config", type=Path, help=f"TOML settings (default {config.DEFAULT_PATH})")
+    run.add_argument("--device", help="modem AT port: tty path, symlink, or socket://HOST:PORT")
+    run.add_argument("--baud", type=int, help="serial speed (with --emulate: pace the emulator)")
+    run.add_argument("--apn", help="access point name")
+    run.add_argument("--username", help="APN user name")
+    run.add_argument("--password", help="APN password")
+    run.add_argument("--auth", choices=("none", "pap", "chap"), help="APN authentication")
+    run.add_argument("--context", type=int, help="PDP context id 1-16 (default 1)")
+    run.add_argument(
+        "--socks",
+        action="append",
+        metavar="HOST:PORT",
+        help="SOCKS5 listen address, repeatable (default 127.0.0.1:1080)",
+    )
+    run.add_argument("--tun", metavar="NAME", help="also expose a TUN interface with this name")
+    run.add_argument(
+        "--tun-route",
+        action="append",
+        metavar="CIDR",
+        dest="tun_routes",
+        help="route this prefix through the TUN interface, repeatable",
+    )
+    run.add_argument(
+        "--emulate",
+        action="store_true",
+        default=None,
+        help="run the built-in UC20 emulator on a pseudo-terminal (no modem needed)",
+    )
+    run.add_argument("--control", metavar="PATH", help="control socket path")
+    run.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level (default info)")
+
+    emu = sub.add_parser(
+        "emulator",
+        help="run a standalone fake UC20 on a pty",
+        description="Run a fake UC20 on a pseudo-terminal linked at PATH until killed.",
+    )
+    emu.add_argument("--link", required=True, metavar="PATH", help="symlink to create for the pty")
+    emu.add_argument(
+        "--baud", type=int, default=0, help="pace the line at this rate (0: no pacing)"
+    )
+    emu.add_argument("--fault", action="append", default=[], metavar="SPEC", help=_fault_help())
+    emu.add_argument("--log-level", choices=config.LOG_LEVELS, default="info")
+    return top
+
+
+def _fault_help() -> str:
+    try:
+        from .emulator import FAULT_SPECS
+    except ImportError:  # pragma: no cover - the emulator ships with the package
+        return "fault to inject"
+    return str(FAULT_SPECS)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    path = args.config
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        file_values = config.load(path)
+    elif config.DEFAULT_PATH.exists():
+        file_values = config.load(config.DEFAULT_PATH)
+    overrides = {
+        "device": args.device,
+        "baud": args.baud,
+        "apn": args.apn,
+        "username": args.username,
+        "password": args.password,
+        "auth": args.auth,
+        "context": args.context,
+        "socks": args.socks,
+        "tun": args.tun,
+        "tun_routes": args.tun_routes,
+        "emulate": args.emulate,
+        "control": args.control,
+        "log_level": args.log_level,
+    }
+    return config.build(file_values, overrides)
+
+
+async def _run_daemon(daemon: Daemon) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run_then_stop_listening() -> None:
+                await daemon.run()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run_then_stop_listening)
+            async for signum in signals:
+                if daemon._stop.is_set():
+                    log.warning("second signal: exiting now")
+                    nursery.cancel_scope.cancel()
+                    return
+                log.info("signal %s: shutting down", signal.Signals(signum).name)
+                daemon.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "emulator":
+        _setup_logging(args.log_level)
+        from .emulator import run_standalone
+
+        run_standalone(args.link, baud=args.baud or None, faults=args.fault)
+        return 0
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"uc20-tunnel: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(settings.log_level)
+    log.debug("settings %s", settings.redacted())
+    try:
+        trio.run(_run_daemon, Daemon(settings))
+    except (ModemError, SerialPortError) as exc:
+        log.error("giving up: %s", exc)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

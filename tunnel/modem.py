@@ -1,0 +1,313 @@
+"""The modem as trio sees it: one command in flight, URCs fanned out, the manual's timeouts.
+
+One reader task owns the port's receive side and never waits on a consumer: every event is either
+handed to the command in flight or routed by type to a synchronous, non-blocking handler that
+its owner registered (`route`). Commands go through one fair lock (the manual, 1.1 Notes: wait for
+the final result before sending the next command). Once a command's line is written the exchange
+runs to its end shielded from cancellation, bounded by its own maximum response time: abandoning
+it would make its late OK look like the answer to the next command.
+"""
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import trio
+
+from .at import commands as at
+from .at.commands import Command
+from .at.errors import (
+    CommandError,
+    CommandTimeout,
+    ModemError,
+    ModemGone,
+    ModemRebooted,
+    SendBufferFull,
+)
+from .at.events import (
+    NEED_DATA,
+    Echo,
+    Event,
+    FinalError,
+    FinalOK,
+    Info,
+    Prompt,
+    ReadData,
+    Ready,
+    SendFail,
+    SendOK,
+    Unparsed,
+    Urc,
+)
+from .at.parser import ATParser
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+READ_SIZE = 65536
+
+
+@dataclass
+class Response:
+    """What a command answered before its final OK."""
+
+    lines: list[bytes] = field(default_factory=list)
+    data: bytes | None = None
+    remote: tuple[str, int] | None = None
+
+
+class _Pending:
+    __slots__ = ("command", "done", "final", "prompt", "response")
+
+    def __init__(self, command: Command) -> None:
+        self.command = command
+        self.response = Response()
+        self.final: Event | ModemError | None = None
+        self.prompt = False
+        self.done = trio.Event()
+
+
+@dataclass
+class ModemStats:
+    bytes_in: int = 0
+    bytes_out: int = 0
+    commands: int = 0
+    timeouts: int = 0
+    garbage_lines: int = 0
+    reboots_seen: int = 0
+
+
+class Modem:
+    """Talks AT over a byte stream. Create with `async with Modem.open(stream) as modem`."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._parser = ATParser()
+        self._lock = trio.Lock()
+        self._pending: _Pending | None = None
+        self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
+        self._gone: ModemGone | None = None
+        self.closed = trio.Event()
+        self.stats = ModemStats()
+        self._responses: dict[type[Event], Callable[[Any], None]] = {
+            Info: self._on_info,
+            ReadData: self._on_read_data,
+            FinalOK: self._on_final,
+            FinalError: self._on_final,
+            SendOK: self._on_final,
+            SendFail: self._on_final,
+            Prompt: self._on_prompt,
+            Ready: self._on_ready,
+            Echo: self._on_echo,
+            Unparsed: self._on_unparsed,
+            Urc: self._on_urc,
+        }
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(cls, stream: trio.abc.Stream) -> AsyncIterator["Modem"]:
+        """Run the reader for as long as the block lasts; the stream is closed on exit."""
+        modem = cls(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(modem._read_loop)
+                try:
+                    yield modem
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            modem._set_gone(ModemGone("modem closed"))
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def route(self, event_type: type[E], handler: Callable[[E], None]) -> Callable[[], None]:
+        """Deliver every `event_type` URC to `handler` (synchronous, must not block).
+
+        Returns a function that removes the route.
+        """
+        handlers = self._routes.setdefault(event_type, [])
+        handlers.append(handler)
+        return lambda: handlers.remove(handler)
+
+    @property
+    def alive(self) -> bool:
+        return self._gone is None
+
+    # --- commands ---------------------------------------------------------------------------
+
+    async def command(self, cmd: Command) -> Response:
+        """Run one command; its Response, or CommandError / CommandTimeout / ModemGone."""
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                pending = await self._exchange(cmd)
+                final = pending.final
+                if type(final) is FinalError and final.code is None and cmd.tcpip:
+                    # 2.15: a bare ERROR's reason is behind AT+QIGETERROR, asked at once so that
+                    # "the last TCPIP AT command" is still ours.
+                    code, text = await self._last_error(cmd)
+                    raise CommandError(cmd.name, code, text)
+        return self._result(pending)
+
+    async def send_data(
+        self, connect_id: int, data: bytes, remote: tuple[str, int] | None = None
+    ) -> None:
+        """AT+QISEND=<id>,<len>: wait for `> `, write exactly the bytes, expect SEND OK.
+
+        SendBufferFull on SEND FAIL (nothing was taken, retry the same bytes later).
+        """
+        cmd = at.qisend(connect_id, len(data), remote)
+        async with self._lock:
+            with trio.CancelScope(shield=True):
+                pending = await self._exchange(cmd, data)
+        self._result(pending)
+
+    async def _exchange(self, cmd: Command, data: bytes | None = None) -> _Pending:
+        if self._gone is not None:
+            raise self._gone
+        pending = _Pending(cmd)
+        self._pending = pending
+        self._parser.command_sent(cmd.expect)
+        self.stats.commands += 1
+        log.debug("at > %s", cmd)
+        try:
+            with trio.fail_after(cmd.timeout):
+                await self._write(cmd.line + b"\r")
+                await pending.done.wait()
+                if data is not None and pending.prompt and pending.final is None:
+                    pending.done = trio.Event()
+                    await self._write(data)
+                    log.debug("at > data len=%d", len(data))
+                    if pending.final is None:
+                        await pending.done.wait()
+        except trio.TooSlowError:
+            self.stats.timeouts += 1
+            log.warning("command timeout cmd=%s limit=%gs", cmd.name, cmd.timeout)
+            raise CommandTimeout(cmd.name, cmd.timeout) from None
+        finally:
+            self._pending = None
+            self._parser.command_ended()
+        return pending
+
+    async def _write(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._set_gone(ModemGone(f"port write failed: {exc}"))
+            raise ModemGone(f"port write failed: {exc}") from exc
+        self.stats.bytes_out += len(data)
+
+    async def _last_error(self, cmd: Command) -> tuple[int | None, str]:
+        try:
+            pending = await self._exchange(at.qigeterror())
+            return at.parse_qigeterror(self._result(pending).lines)
+        except (CommandError, ValueError) as exc:
+            log.warning("no error code cmd=%s reason=%s", cmd.name, exc)
+            return None, "ERROR"
+
+    def _result(self, pending: _Pending) -> Response:
+        final = pending.final
+        name = pending.command.name
+        if type(final) is FinalOK or type(final) is SendOK:
+            return pending.response
+        if isinstance(final, ModemError):
+            raise final
+        if type(final) is SendFail:
+            raise SendBufferFull(name)
+        if type(final) is FinalError:
+            raise CommandError(name, final.code, final.text)
+        raise CommandError(name, None, f"unexpected {final!r}")
+
+    # --- the reader -------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        parser = self._parser
+        dispatch = self._dispatch
+        stats = self.stats
+        try:
+            while True:
+                data = await self._stream.receive_some(READ_SIZE)
+                if not data:
+                    self._set_gone(ModemGone("port closed (EOF)"))
+                    return
+                stats.bytes_in += len(data)
+                parser.receive_data(bytes(data))
+                while (event := parser.next_event()) is not NEED_DATA:
+                    dispatch(event)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._set_gone(ModemGone(f"port read failed: {exc}"))
+
+    def _dispatch(self, event: Event) -> None:
+        kind = type(event)
+        own = self._responses.get(kind)
+        if own is not None:
+            own(event)
+            return
+        handlers = self._routes.get(kind)
+        if handlers:
+            for handler in handlers:
+                handler(event)
+        else:
+            log.debug("urc unrouted event=%s", event)
+
+    def _on_info(self, event: Info) -> None:
+        if self._pending is not None:
+            self._pending.response.lines.append(event.line)
+
+    def _on_read_data(self, event: ReadData) -> None:
+        if self._pending is not None:
+            self._pending.response.data = event.data
+            self._pending.response.remote = event.remote
+        else:
+            log.warning("read data with no read in flight len=%d", len(event.data))
+
+    def _on_final(self, event: Event) -> None:
+        pending = self._pending
+        if pending is None:
+            log.debug("stray final result event=%s", event)
+            return
+        pending.final = event
+        pending.done.set()
+
+    def _on_prompt(self, event: Prompt) -> None:
+        if self._pending is not None:
+            self._pending.prompt = True
+            self._pending.done.set()
+
+    def _on_ready(self, event: Ready) -> None:
+        self.stats.reboots_seen += 1
+        log.warning("modem restarted (RDY)")
+        self._fail_pending(ModemRebooted("modem restarted (RDY)"))
+        for handler in self._routes.get(Ready, ()):
+            handler(event)
+
+    def _on_echo(self, event: Echo) -> None:
+        log.debug("at < echo %r", event.line)
+
+    def _on_urc(self, event: Urc) -> None:
+        log.debug("at < urc %r", event.line)
+
+    def _on_unparsed(self, event: Unparsed) -> None:
+        self.stats.garbage_lines += 1
+        log.warning("serial garbage skipped len=%d bytes=%r", len(event.line), event.line[:64])
+
+    def _fail_pending(self, error: ModemError) -> None:
+        pending = self._pending
+        if pending is not None and pending.final is None:
+            pending.final = error
+            pending.done.set()
+
+    def _set_gone(self, error: ModemGone) -> None:
+        if self._gone is None:
+            self._gone = error
+            log.info("modem port closed reason=%s", error)
+            self.closed.set()
+        self._fail_pending(error)
+
+
+def with_timeout(cmd: Command, seconds: float) -> Command:
+    """The same command with another response limit (a quick probe, a longer QICLOSE)."""
+    return replace(cmd, timeout=seconds)
