@@ -144,12 +144,7 @@ class Modem:
         async with self._lock:
             with trio.CancelScope(shield=True):
                 pending = await self._exchange(cmd)
-                final = pending.final
-                if type(final) is FinalError and final.code is None and cmd.tcpip:
-                    # 2.15: a bare ERROR's reason is behind AT+QIGETERROR, asked at once so that
-                    # "the last TCPIP AT command" is still ours.
-                    code, text = await self._last_error(cmd)
-                    raise CommandError(cmd.name, code, text)
+                await self._explain_error(pending)
         return self._result(pending)
 
     async def send_data(
@@ -163,7 +158,17 @@ class Modem:
         async with self._lock:
             with trio.CancelScope(shield=True):
                 pending = await self._exchange(cmd, data)
+                await self._explain_error(pending)
         self._result(pending)
+
+    async def _explain_error(self, pending: _Pending) -> None:
+        """2.15: a bare ERROR's reason is behind AT+QIGETERROR, asked at once (lock still held)
+        so that "the last TCPIP AT command" is still ours."""
+        final = pending.final
+        cmd = pending.command
+        if type(final) is FinalError and final.code is None and cmd.tcpip:
+            code, text = await self._last_error(cmd)
+            raise CommandError(cmd.name, code, text)
 
     async def _exchange(self, cmd: Command, data: bytes | None = None) -> _Pending:
         if self._gone is not None:

@@ -1,0 +1,242 @@
+"""Modem: one command in flight, URC fan-out, timeouts, sends — against a scripted peer."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+
+from tunnel.at import commands as at
+from tunnel.at.errors import (
+    CommandError,
+    CommandTimeout,
+    ModemGone,
+    ModemRebooted,
+    SendBufferFull,
+)
+from tunnel.at.events import OpenResult, Recv
+from tunnel.modem import Modem
+
+NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
+
+
+class Peer:
+    """The modem side of the line, driven by the test."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def expect(self, data: bytes) -> None:
+        while len(self.buf) < len(data):
+            self.buf += await self.stream.receive_some()
+        got, self.buf = self.buf[: len(data)], self.buf[len(data) :]
+        assert got == data
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Modem, Peer]]:
+    host, modem_side = trio.testing.memory_stream_pair()
+    async with Modem.open(host) as modem:
+        yield modem, Peer(modem_side)
+
+
+async def test_command_collects_info_and_routes_urcs_between_lines(pair) -> None:
+    modem, peer = pair
+    seen: list[object] = []
+    modem.route(Recv, seen.append)
+    modem.route(OpenResult, seen.append)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QIACT?\r")
+                await peer.send(
+                    b'\r\n+QIACT: 1,1,1,"10.7.157.1"\r\n'
+                    b'\r\n+QIURC: "recv",3,5\r\nhello\r\n'
+                    b"\r\n+QIOPEN: 4,0\r\n"
+                    b'\r\n+QIACT: 2,1,1,"10.7.157.2"\r\n\r\nOK\r\n'
+                )
+
+            nursery.start_soon(script)
+            response = await modem.command(at.qiact_query())
+    assert response.lines == [b'+QIACT: 1,1,1,"10.7.157.1"', b'+QIACT: 2,1,1,"10.7.157.2"']
+    assert seen == [Recv(3, b"hello"), OpenResult(4, 0)]
+
+
+async def test_bare_error_asks_qigeterror_at_once(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QIACT=1\r")
+                await peer.send(b"\r\nERROR\r\n")
+                await peer.expect(b"AT+QIGETERROR\r")
+                await peer.send(b"\r\n+QIGETERROR: 556,active PDP failed\r\n\r\nOK\r\n")
+
+            nursery.start_soon(script)
+            with pytest.raises(CommandError) as info:
+                await modem.command(at.qiact(1))
+    assert info.value.code == 556
+    assert "active PDP failed" in str(info.value)
+
+
+async def test_cme_error_carries_its_code(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b'AT+QIOPEN=1,0,"TCP","a.test",80,0,1\r')
+                await peer.send(b"\r\n+CME ERROR: 562\r\n")
+
+            nursery.start_soon(script)
+            with pytest.raises(CommandError) as info:
+                await modem.command(at.qiopen(1, 0, "TCP", "a.test", 80))
+    assert info.value.code == 562
+
+
+async def test_timeout_then_late_ok_does_not_answer_the_next_command(
+    pair, autojump_clock
+) -> None:
+    modem, peer = pair
+    with pytest.raises(CommandTimeout):
+        await modem.command(at.qiclose(0))  # nobody answers: 10 s (2.5), virtual time
+    assert modem.stats.timeouts == 1
+    await peer.expect(b"AT+QICLOSE=0\r")
+    async with trio.open_nursery() as nursery:
+
+        async def script() -> None:
+            await peer.send(b"\r\nOK\r\n")  # the late answer to QICLOSE
+            await peer.expect(b"AT+CSQ\r")
+            await peer.send(b"\r\n+CSQ: 20,99\r\n\r\nOK\r\n")
+
+        nursery.start_soon(script)
+        await trio.testing.wait_all_tasks_blocked()
+        response = await modem.command(at.csq())
+    assert at.parse_csq(response.lines) == (20, 99)
+
+
+async def test_cancelled_caller_still_completes_the_exchange(pair) -> None:
+    modem, peer = pair
+    done = trio.Event()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+
+            async def caller() -> None:
+                with scope:
+                    await modem.command(at.qiclose(1))
+                done.set()
+
+            nursery.start_soon(caller)
+            await peer.expect(b"AT+QICLOSE=1\r")
+            scope.cancel()  # the caller gives up while the modem is working
+            await trio.testing.wait_all_tasks_blocked()
+            assert not done.is_set()  # the exchange runs to its end
+            await peer.send(b"\r\nOK\r\n")
+            await done.wait()
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+CSQ\r")
+                await peer.send(b"\r\n+CSQ: 7,99\r\n\r\nOK\r\n")
+
+            nursery.start_soon(script)
+            response = await modem.command(at.csq())
+    assert at.parse_csq(response.lines) == (7, 99)
+
+
+async def test_send_writes_exact_bytes_after_prompt(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QISEND=2,%d\r" % len(NASTY))
+                await peer.send(b'\r\n+QIURC: "recv",2,2\r\n> \r\n> ')
+                await peer.expect(NASTY)
+                await peer.send(b"\r\nSEND OK\r\n")
+                await peer.expect(b"AT+QISEND=2,3\r")
+                await peer.send(b"\r\n> ")
+                await peer.expect(b"abc")
+                await peer.send(b"\r\nSEND FAIL\r\n")
+
+            nursery.start_soon(script)
+            await modem.send_data(2, NASTY)
+            with pytest.raises(SendBufferFull):
+                await modem.send_data(2, b"abc")
+
+
+async def test_send_refused_without_prompt(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QISEND=0,3\r")
+                await peer.send(b"\r\nERROR\r\n")
+                await peer.expect(b"AT+QIGETERROR\r")
+                await peer.send(b"\r\n+QIGETERROR: 555,connection has been closed\r\n\r\nOK\r\n")
+
+            nursery.start_soon(script)
+            with pytest.raises(CommandError) as info:
+                await modem.send_data(0, b"abc")
+    assert info.value.code == 555
+
+
+async def test_rdy_fails_the_command_in_flight(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QIACT=1\r")
+                await peer.send(b"\r\nRDY\r\n")
+
+            nursery.start_soon(script)
+            with pytest.raises(ModemRebooted):
+                await modem.command(at.qiact(1))
+    assert modem.alive  # a reboot is survivable: the port is still there
+
+
+async def test_port_eof_fails_pending_and_later_commands(pair) -> None:
+    modem, peer = pair
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT\r")
+                await peer.stream.aclose()
+
+            nursery.start_soon(script)
+            with pytest.raises(ModemGone):
+                await modem.command(at.at())
+        await modem.closed.wait()
+        with pytest.raises(ModemGone):
+            await modem.command(at.at())
+
+
+async def test_commands_never_overlap(pair) -> None:
+    modem, peer = pair
+    results: list[int] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(lambda i=i: _csq(modem, results, i))
+            for _ in range(5):
+                await peer.expect(b"AT+CSQ\r")
+                # Nothing else may be written before this command's final result.
+                await trio.testing.wait_all_tasks_blocked()
+                assert peer.buf == b""
+                await peer.send(b"\r\n+CSQ: 1,99\r\n\r\nOK\r\n")
+    assert sorted(results) == list(range(5))
+
+
+async def _csq(modem: Modem, results: list[int], i: int) -> None:
+    await modem.command(at.csq())
+    results.append(i)
