@@ -1,0 +1,35 @@
+"""What the proxy needs from whoever reaches the network: the `Dialer` protocol and its error.
+
+The proxy never imports `tunnel`; `tunnel.sockets` satisfies this protocol (DESIGN.md, "Layers").
+"""
+
+from typing import Protocol
+
+import trio
+
+from proxy.socks5 import ReplyCode
+
+
+class DialError(Exception):
+    """The dial failed in a way the client should hear about: `reply` is the SOCKS5 answer.
+
+    The dialer maps its own failures (DNS failure → HOST_UNREACHABLE, refused →
+    CONNECTION_REFUSED, no free connection slot after a short wait → GENERAL_FAILURE, network
+    down → NETWORK_UNREACHABLE); `reason` goes to the log, never to the client.
+    """
+
+    def __init__(self, reply: ReplyCode, reason: str) -> None:
+        self.reply = ReplyCode(reply)
+        if self.reply is ReplyCode.SUCCEEDED:
+            raise ValueError("reply: SUCCEEDED is not a dial failure")
+        self.reason = reason
+        super().__init__(f"{self.reply.name}: {reason}")
+
+
+class Dialer(Protocol):
+    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        """A connected stream to `host`:`port` (`host` as the client sent it: IPv4, IPv6 or a
+        domain name), or DialError. The stream may carry `bound_address: tuple[str, int] | None`,
+        the local end for BND.ADDR/BND.PORT in the reply. Raise trio's stream errors from it:
+        BrokenResourceError when the network side fails."""
+        ...
