@@ -1,0 +1,172 @@
+"""The emulated modem's serial line: one ordered, paced writer and a paced reader.
+
+Everything the fake UC20 says goes through `SerialLine.put()` as whole frames (a response line, a
+URC, a push frame with its payload). One writer task sends them in order, so frames never
+interleave and URCs fall only between whole lines (manual 2.16: "<CR><LF>" before and after each
+URC). With a baud rate both directions are paced like a real 8N1 UART (10 bits per byte) using an
+exact virtual clock, so benchmarks can compare goodput to line rate without drift.
+
+This module knows nothing about AT commands; it must never look inside a frame.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Final
+
+import trio
+
+log = logging.getLogger(__name__)
+
+# Unthrottled, push readers stop reading their host sockets once this much output is queued
+# (TCP then pushes back on the far end). Throttled, the mark is ~50 ms of line time but at least
+# a few full push frames, so the line never idles while data is waiting on a host socket.
+UNTHROTTLED_HIGH_WATER: Final = 256 * 1024
+MIN_THROTTLED_HIGH_WATER: Final = 4096
+# Unthrottled writes coalesce queued frames up to this size into one send_all.
+MAX_WRITE: Final = 256 * 1024
+MAX_READ: Final = 65536
+
+
+def frame(line: str | bytes) -> bytes:
+    """V.250 verbose framing of one information line, result code or URC: CR LF line CR LF."""
+    body = line.encode("latin-1") if isinstance(line, str) else line
+    return b"\r\n" + body + b"\r\n"
+
+
+class SerialLine:
+    """Ordered frame writer and paced reader over the serial `stream`.
+
+    `rate` is bytes per second (baud / 10), or None for an unthrottled line.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, baud: int | None) -> None:
+        self._stream = stream
+        self.rate: float | None = baud / 10.0 if baud else None
+        self._frames: deque[bytes] = deque()
+        self._pending = 0  # queued bytes plus the chunk being written
+        self._has_data = trio.Event()
+        self._room = trio.Event()
+        self._room.set()
+        self._drained = trio.Event()
+        self._drained.set()
+        self._muted = False
+        self._next_free = 0.0  # virtual clock: when the line is free to send again
+        self._in_time = 0.0  # virtual clock: when the last received byte finished arriving
+        if self.rate is None:
+            self.high_water = UNTHROTTLED_HIGH_WATER
+            self._chunk = MAX_WRITE
+            self._read_size = MAX_READ
+        else:
+            self.high_water = max(MIN_THROTTLED_HIGH_WATER, int(self.rate * 0.05))
+            # ~10 ms of line time per write keeps the receiver's view smooth.
+            self._chunk = max(1, int(self.rate / 100))
+            self._read_size = self._chunk
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- output -------------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Bytes queued for the line and not yet written."""
+        return self._pending
+
+    def put(self, data: bytes) -> None:
+        """Queue one whole frame. Never blocks; a muted (hung) modem drops it."""
+        if self._muted or not data:
+            return
+        self._frames.append(data)
+        self._pending += len(data)
+        self._has_data.set()
+        if self._drained.is_set():
+            self._drained = trio.Event()
+        if self._pending >= self.high_water and self._room.is_set():
+            self._room = trio.Event()
+
+    async def wait_room(self) -> None:
+        """Wait until the output is below the high-water mark (push backpressure)."""
+        while self._muted or self._pending >= self.high_water:
+            await self._room.wait()
+
+    async def wait_drained(self) -> None:
+        """Wait until every queued frame has been written."""
+        while self._pending:
+            await self._drained.wait()
+
+    def clear(self) -> None:
+        """Drop everything not yet written (a reboot loses the UART FIFO)."""
+        self._frames.clear()
+        self._pending = 0
+        self._wake()
+
+    def mute(self, muted: bool) -> None:
+        """A hung modem says nothing: drop queued frames and refuse new ones until unmuted."""
+        self._muted = muted
+        if muted:
+            self._frames.clear()
+            self._pending = 0
+            self._drained.set()
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._pending < self.high_water and not self._muted:
+            self._room.set()
+        if not self._pending:
+            self._drained.set()
+
+    def _take(self, limit: int) -> bytes:
+        """Pop up to `limit` bytes of queued frames (splitting the last one if needed)."""
+        frames = self._frames
+        first = frames.popleft()
+        if len(first) >= limit or not frames:
+            if len(first) > limit:
+                frames.appendleft(first[limit:])
+                return first[:limit]
+            return first
+        parts = [first]
+        size = len(first)
+        while frames and size < limit:
+            nxt = frames.popleft()
+            if size + len(nxt) > limit:
+                cut = limit - size
+                frames.appendleft(nxt[cut:])
+                nxt = nxt[:cut]
+            parts.append(nxt)
+            size += len(nxt)
+        return b"".join(parts)
+
+    async def run_writer(self) -> None:
+        """Write queued frames in order, paced at `rate`, until cancelled or the line breaks."""
+        while True:
+            if not self._frames:
+                self._has_data = trio.Event()
+                await self._has_data.wait()
+                continue
+            data = self._take(self._chunk)
+            if self.rate is not None:
+                # Exact virtual clock: this chunk starts when the line is free (or now, if it has
+                # been idle) and occupies it for n/rate seconds; no accumulated drift.
+                start = max(self._next_free, trio.current_time())
+                self._next_free = start + len(data) / self.rate
+                await trio.sleep_until(start)
+            await self._stream.send_all(data)
+            self.bytes_out += len(data)
+            self._pending = max(0, self._pending - len(data))
+            self._wake()
+
+    # -- input --------------------------------------------------------------------------------
+
+    async def receive(self) -> bytes:
+        """Next bytes from the host, no earlier than a real line could have carried them.
+
+        Returns b"" at end of file.
+        """
+        data = await self._stream.receive_some(self._read_size)
+        if data and self.rate is not None:
+            self._in_time = max(self._in_time, trio.current_time()) + len(data) / self.rate
+            await trio.sleep_until(self._in_time)
+        self.bytes_in += len(data)
+        return bytes(data)
