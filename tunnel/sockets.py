@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 RX_HIGH_WATER: Final = 128 * 1024
 SEND_FAIL_BACKOFF: Final = (0.05, 1.0)  # first and longest pause between SEND FAIL retries
 SEND_FAIL_LIMIT: Final = 60.0  # a send buffer full this long means the flow is dead
+# Half-close emulation (the UC20 has no TCP shutdown): after send_eof, wait this long for the
+# modem to report every byte acked, then keep receiving until the peer has been quiet this long.
+ACK_WAIT: Final = 10.0
+HALF_CLOSE_LINGER: Final = 2.0
 
 
 class SlotState(Enum):
@@ -111,6 +115,10 @@ class SocketPool:
         """Wait for a free connectID (cancellable: callers bound the wait)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._free:
+            # Someone waits: flows whose client already sent EOF give their id back now.
+            for busy in self._slots:
+                if busy.socket is not None:
+                    busy.socket._end_linger()
             await self._waiting.park()
         slot = self._free.popleft()
         slot.move(SlotState.OPENING)
@@ -134,6 +142,9 @@ class SocketPool:
         if slot is None:
             slot = await self.reserve()
         sock = ModemSocket(self, slot, f"{host}:{port}")
+        # Attached before AT+QIOPEN: the peer may push data (and even close) right behind the
+        # +QIOPEN URC, before this task runs again.
+        slot.socket = sock
         try:
             await self._open_slot(slot, host, port)
         except BaseException:
@@ -141,7 +152,6 @@ class SocketPool:
                 await self._close_slot(slot, reason="open failed")
             raise
         slot.move(SlotState.OPEN)
-        slot.socket = sock
         self.opened_total += 1
         return sock
 
@@ -183,12 +193,14 @@ class SocketPool:
 
     def _on_closed(self, event: SocketClosed) -> None:
         slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
-        if slot is not None and slot.socket is not None:
+        if slot is None or slot.socket is None:
+            log.warning("closed URC for no flow id=%d", event.connect_id)
+        elif slot.opened is not None:
+            # Closed before +QIOPEN came: report it as a failed open.
+            self._on_open_result(OpenResult(event.connect_id, ErrorCode.CONNECTION_CLOSED))
+        else:
             log.debug("remote closed id=%d", event.connect_id)
             slot.socket._remote_closed()
-        elif slot is not None and slot.opened is not None and slot.state is SlotState.OPENING:
-            # Closed before the open completed: report it as a failed open.
-            self._on_open_result(OpenResult(event.connect_id, ErrorCode.CONNECTION_CLOSED))
 
     def _on_open_result(self, event: OpenResult) -> None:
         slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
@@ -274,6 +286,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self._modem_lost = False
         self._closed = False
         self._write_closed = False
+        self._linger_until = 0.0
         self._sending = False
         self._receiving = False
         # Buffer access mode: data waits in the modem (see module docstring).
@@ -289,6 +302,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
     def _deliver(self, data: bytes) -> None:
         self._rx.append(data)
         self._rx_len += len(data)
+        if self._write_closed:
+            self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
         self._wake()
         if (
             self._rx_len > RX_HIGH_WATER
@@ -311,6 +326,11 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         if self._failure is None:
             self._failure = reason
             self._modem_lost = closed_by_modem
+            self._wake()
+
+    def _end_linger(self) -> None:
+        if self._write_closed and not self._eof:
+            self._linger_until = trio.current_time()
             self._wake()
 
     def _wake(self) -> None:
@@ -397,8 +417,18 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                     continue
                 if self._eof and not self._switching:
                     return b""
-                self._rx_wakeup = trio.Event()
-                await self._rx_wakeup.wait()
+                self._rx_wakeup = wakeup = trio.Event()
+                if not self._write_closed:
+                    await wakeup.wait()
+                    continue
+                with trio.move_on_at(self._linger_until):
+                    await wakeup.wait()
+                if not wakeup.is_set() and trio.current_time() >= self._linger_until:
+                    # We sent EOF and the peer has been quiet: end the stream so the flow
+                    # closes and AT+QICLOSE finally sends the FIN the peer may wait for.
+                    log.debug("half-close linger over id=%d", self.connect_id)
+                    self._eof = True
+                    return b""
         finally:
             self._receiving = False
 
@@ -473,11 +503,43 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
-        """The modem has no TCP half-close: remember it, keep receiving until the peer closes."""
+        """Emulated half-close: the UC20 cannot shut down one direction of a TCP connection.
+
+        Wait (bounded) until the modem reports every sent byte acked by the peer
+        (AT+QISEND=<id>,0), then keep receiving until the peer closes or stays quiet for
+        HALF_CLOSE_LINGER; the stream then ends and closing it sends AT+QICLOSE (a FIN).
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this socket")
         await trio.lowlevel.checkpoint()
         if self._closed:
             raise trio.ClosedResourceError("socket was closed")
+        if self._write_closed:
+            return
         self._write_closed = True
+        self._sending = True
+        try:
+            await self._wait_acked()
+        finally:
+            self._sending = False
+        self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
+        self._wake()
+
+    async def _wait_acked(self) -> None:
+        modem = self._pool.modem
+        pause = 0.05
+        with trio.move_on_after(ACK_WAIT):
+            while self._failure is None and not self._eof and self.bytes_sent:
+                try:
+                    lines = (await modem.command(at.qisend_query(self.connect_id))).lines
+                    _total, _acked, unacked = at.parse_qisend_query(lines)
+                except (ModemError, ValueError) as exc:
+                    log.debug("ack query failed id=%d reason=%s", self.connect_id, exc)
+                    return
+                if unacked == 0:
+                    return
+                await trio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     async def aclose(self) -> None:
         """Free the connectID and AT+QICLOSE it (shielded, bounded); idempotent."""

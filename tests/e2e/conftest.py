@@ -26,7 +26,18 @@ async def tunnel(nursery: trio.Nursery) -> AsyncIterator[Tunnel]:
         emulate=True, apn="internet", socks=(("127.0.0.1", 0),), registration_timeout=30
     )
     daemon = Daemon(settings)
+    finished = trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[Serving]) -> None:
+        try:
+            await daemon.run(task_status=task_status)
+        finally:
+            finished.set()
+
     with trio.fail_after(30):
-        serving = await nursery.start(daemon.run)
+        serving = await nursery.start(run)
     yield Tunnel(daemon, serving)
+    # A graceful stop: flows closed and the context deactivated before the emulator goes.
     daemon.stop()
+    with trio.fail_after(30):
+        await finished.wait()

@@ -24,6 +24,7 @@ REPLY_SUCCEEDED = 0x00
 REPLY_HOST_UNREACHABLE = 0x04
 REPLY_CONNECTION_REFUSED = 0x05
 
+
 def random_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 

@@ -100,9 +100,7 @@ async def test_cme_error_carries_its_code(pair) -> None:
     assert info.value.code == 562
 
 
-async def test_timeout_then_late_ok_does_not_answer_the_next_command(
-    pair, autojump_clock
-) -> None:
+async def test_timeout_then_late_ok_does_not_answer_the_next_command(pair, autojump_clock) -> None:
     modem, peer = pair
     with pytest.raises(CommandTimeout):
         await modem.command(at.qiclose(0))  # nobody answers: 10 s (2.5), virtual time
