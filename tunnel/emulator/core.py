@@ -26,7 +26,7 @@ from tunnel.emulator import general, services, tcpip
 from tunnel.emulator.faults import FaultControl, Settings, TimedFault, fire, parse_fault
 from tunnel.emulator.general import Handler
 from tunnel.emulator.line import SerialLine, frame
-from tunnel.emulator.params import CmdError, parse_command, split_line
+from tunnel.emulator.params import INVALID_PARAMETERS, CmdError, parse_command, split_line
 from tunnel.emulator.session import SIM_READY, SendJob, Session
 
 log = logging.getLogger(__name__)
@@ -341,8 +341,10 @@ class Emulator:
             except CmdError as exc:
                 code = exc.code
                 if is_tcpip(name):
-                    code = code if code is not None else 558
+                    code = code if code is not None else INVALID_PARAMETERS
                     s.last_error = code
+                elif code == INVALID_PARAMETERS:
+                    code = None  # outside chapter 3, a malformed command is a plain ERROR
                 log.debug("command failed name=%s code=%s", name, code)
                 s.put(s.error_frame(code))
                 for action in after:

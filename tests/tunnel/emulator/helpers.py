@@ -111,8 +111,8 @@ class TcpPeer:
             while data := await stream.receive_some(65536):
                 self.received[index] += data
                 self._notify()
-        except trio.BrokenResourceError:
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # reset by the modem, or closed by the test
         self.eof[index] = True
         self._notify()
         await trio.sleep_forever()  # keep the stream for the test to close
