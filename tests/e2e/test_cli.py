@@ -1,0 +1,94 @@
+"""The installed command: `uc20-tunnel run --emulate` serves, curl works, SIGTERM exits 0."""
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.helpers import http_handler, serve_tcp
+
+BIN = str(Path(sys.executable).with_name("uc20-tunnel"))
+
+
+class LogReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.text = ""
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        while True:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise AssertionError(f"process ended before {pattern!r}:\n{self.text}")
+            self.text += chunk.decode(errors="replace")
+
+    async def rest(self) -> str:
+        while chunk := await self.stream.receive_some(65536):
+            self.text += chunk.decode(errors="replace")
+        return self.text
+
+
+async def test_run_emulate_serves_curl_then_sigterm_exits_zero(nursery, tmp_path: Path) -> None:
+    http_port = await nursery.start(serve_tcp, http_handler({"hello": b"hello through the modem"}))
+    with trio.fail_after(60):
+        proc = await trio.lowlevel.open_process(
+            [BIN, "run", "--emulate", "--socks", "127.0.0.1:0", "--config", "/dev/null"],
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stderr is not None
+        log = LogReader(proc.stderr)
+        try:
+            ready = await log.wait_for(r"ready socks=127\.0\.0\.1:(\d+) ip=(\d+\.\d+\.\d+\.\d+)")
+            port = int(ready.group(1))
+            out = tmp_path / "out"
+            result = await trio.run_process(
+                [
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--socks5-hostname",
+                    f"127.0.0.1:{port}",
+                    f"http://files.test:{http_port}/hello",
+                    "-o",
+                    str(out),
+                ],
+                check=False,
+                capture_stderr=True,
+            )
+            assert result.returncode == 0, result.stderr
+            assert out.read_bytes() == b"hello through the modem"
+            proc.send_signal(signal.SIGTERM)
+            text = await log.rest()
+            assert await proc.wait() == 0, text
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    assert "context down" in text
+    assert "Traceback" not in text
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["emulator"]])
+def test_help_on_every_command(command: list[str]) -> None:
+    done = subprocess.run([BIN, *command, "--help"], capture_output=True, text=True, check=False)
+    assert done.returncode == 0
+    assert "usage: uc20-tunnel" in done.stdout
+
+
+def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('apn = "internet"\nbaud = "fast"\n')
+    done = subprocess.run([BIN, "run", "--config", str(cfg)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{cfg}:2" in done.stderr
+    assert "baud" in done.stderr
+    cfg.write_text('apn = "internet"\n\nsocks_port = 1080\n')
+    done = subprocess.run([BIN, "run", "--config", str(cfg)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"{cfg}:3: unknown key 'socks_port'" in done.stderr
