@@ -195,6 +195,8 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
         setattr(settings, name.replace("-", "_"), _number(spec, args[0]))
     elif name in ("reboot-after", "garbage-every"):
         kind = "reboot" if name == "reboot-after" else "garbage"
+        if kind == "garbage" and _number(spec, args[0]) == 0:
+            raise ValueError(f"fault {spec!r}: the period must be positive")
         faults.timed.append(TimedFault(kind, _number(spec, args[0]), repeat=kind == "garbage"))
     elif name in ("pdpdeact-after", "hang-after", "remote-close-after"):
         faults.timed.append(_parse_timed(spec, name, args))

@@ -108,6 +108,8 @@ class SerialLine:
             self._frames.clear()
             self._pending = 0
             self._drained.set()
+            if self._room.is_set():
+                self._room = trio.Event()  # push readers park until unmuted
         else:
             self._wake()
 
