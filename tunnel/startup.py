@@ -106,8 +106,16 @@ async def _sim_state(modem: Modem) -> str:
     try:
         return at.parse_cpin((await modem.command(at.cpin_query())).lines)
     except CommandError as exc:
+        if exc.code is None and exc.text == "ERROR":
+            # A bare ERROR says nothing about the SIM (the TCP/IP manual does not define
+            # AT+CPIN?): carry on, AT+QIACT will tell.
+            log.warning("sim state unknown: AT+CPIN? answered ERROR")
+            return "READY"
         # +CME ERROR: 10 is "SIM not inserted" (3GPP 27.007); keep the modem's words.
         raise SimError(f"SIM not ready: {exc.text}") from exc
+    except ValueError:
+        log.warning("sim state unknown: no +CPIN line")
+        return "READY"
 
 
 async def wait_registered(modem: Modem, limit: float) -> int:
@@ -116,6 +124,9 @@ async def wait_registered(modem: Modem, limit: float) -> int:
     with trio.move_on_after(limit):
         while True:
             stat = await _registration(modem)
+            if stat is None:
+                log.warning("registration unknown: no registration query is supported")
+                return 1
             if stat != last:
                 log.info("registration stat=%d (%s)", stat, _STAT_NAMES.get(stat, "?"))
                 last = stat
@@ -127,10 +138,13 @@ async def wait_registered(modem: Modem, limit: float) -> int:
     )
 
 
-async def _registration(modem: Modem) -> int:
-    # UC20 data rides the packet domain (CGREG); an EC2x on LTE reports CEREG instead; CREG is
-    # the fallback for firmware that lacks CGREG.
-    best = 0
+async def _registration(modem: Modem) -> int | None:
+    """Best <stat> of CGREG/CEREG/CREG; None when the modem answers none of them.
+
+    UC20 data rides the packet domain (CGREG); an EC2x on LTE reports CEREG instead; CREG is
+    the fallback for firmware that lacks both.
+    """
+    best: int | None = None
     for query in (at.cgreg_query, at.cereg_query, at.creg_query):
         try:
             stat = at.parse_creg((await modem.command(query())).lines)
@@ -138,7 +152,7 @@ async def _registration(modem: Modem) -> int:
             continue
         if stat in REGISTERED:
             return stat
-        best = best or stat
+        best = stat if best is None else best
     return best
 
 

@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
+from .errors import DESCRIPTIONS
 from .events import (
     NEED_DATA,
     DnsAddress,
@@ -73,6 +74,7 @@ _OTHER_URCS: Final = (
     b"RING",
     b"POWERED DOWN",
 )
+_CODES_BY_TEXT: Final = {text.lower(): int(code) for code, text in DESCRIPTIONS.items()}
 # Where to look for a real line inside garbage: distinctive tokens only.
 _RESYNC_TOKENS: Final = (b"+QIURC: ", b"+QIOPEN: ", b"+QIRD: ", b"+CME ERROR: ", b"+QPING: ")
 
@@ -277,7 +279,8 @@ class ATParser:
             detail = line[11:].strip().decode("ascii", "replace")
             if detail.isdigit():
                 return FinalError(int(detail), detail)
-            return FinalError(None, detail)
+            # AT+CMEE=2 words it: map the manual's descriptions back to their codes.
+            return FinalError(_CODES_BY_TEXT.get(detail.lower()), detail)
         if line.startswith(b"+QIOPEN: "):
             ints = _ints(line[9:])
             if ints is not None and len(ints) == 2:
