@@ -1,0 +1,126 @@
+"""serve_pty on a real pseudo-terminal, and baud pacing (the one timing bound in the contract)."""
+
+from __future__ import annotations
+
+import os
+import tty
+
+import trio
+
+from tests.tunnel.emulator.helpers import BOOT, Host
+from tunnel.emulator import Emulator, serve_pty
+
+
+def open_port(path: str) -> trio.lowlevel.FdStream:
+    """Open a tty the way a driver would, without pyserial: O_NOCTTY, raw mode."""
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    tty.setraw(fd)
+    return trio.lowlevel.FdStream(fd)
+
+
+async def test_serve_pty_with_link(nursery, tmp_path) -> None:
+    link = tmp_path / "ttyUC20"
+    link.symlink_to(tmp_path / "stale-target")  # left over from a crashed run
+    emulator = Emulator()
+    with trio.fail_after(10):
+        scope = trio.CancelScope()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await serve_pty(emulator, str(link), task_status=task_status)
+
+        slave = await nursery.start(run)
+        assert os.readlink(link) == slave
+        host = Host(open_port(str(link)))
+        await host.expect(BOOT)
+        await host.send(b"AT\r")
+        await host.expect(b"AT\r\r\nOK\r\n")
+        # The driver closes and reopens the port: the emulator keeps serving, no EIO.
+        await host.stream.aclose()
+        host = Host(open_port(str(link)))
+        await host.send(b"ATE0\r")
+        await host.expect(b"ATE0\r\r\nOK\r\n")
+        payload = bytes(range(256)) * 8  # every byte value survives the raw pty
+        await host.send(b"AT+QIACT=1\r")
+        await host.expect(b"\r\nOK\r\n")
+        peer = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        port = peer[0].socket.getsockname()[1]
+        await host.send(f'AT+QIOPEN=1,0,"TCP","127.0.0.1",{port},0,1\r'.encode())
+        await host.expect(b"\r\nOK\r\n\r\n+QIOPEN: 0,0\r\n")
+        server = await peer[0].accept()
+        await server.send_all(payload[:1460])
+        await host.expect(b'\r\n+QIURC: "recv",0,1460\r\n' + payload[:1460] + b"\r\n")
+        await host.send(b"AT+QISEND=0,1460\r")
+        await host.expect(b"\r\n> ")
+        await host.send(payload[-1460:])
+        await host.expect(b"\r\nSEND OK\r\n")
+        received = b""
+        while len(received) < 1460:
+            received += await server.receive_some(4096)
+        assert received == payload[-1460:]
+        await host.stream.aclose()
+        await server.aclose()
+        await peer[0].aclose()
+        scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    assert not link.is_symlink()
+
+
+async def test_serve_pty_without_link(nursery) -> None:
+    emulator = Emulator(faults=["cmee:1"])
+    with trio.fail_after(10):
+        slave = await nursery.start(serve_pty, emulator)
+        assert slave.startswith("/dev/pts/")
+        host = Host(open_port(slave))
+        await host.boot()
+        assert await host.command("AT+QIACT=1;+QIACT=1") == ["+CME ERROR: 563"]
+        await host.stream.aclose()
+
+
+async def test_output_pacing_at_115200(start_modem, tcp_peer) -> None:
+    """~20 KB downstream at 115200 baud takes the line time (11520 bytes/s) within 15%."""
+    emulator, host = await start_modem(baud=115200)
+    with trio.fail_after(10):
+        assert await host.command("AT+QIACT=1") == ["OK"]
+        assert await host.command(f'AT+QIOPEN=1,0,"TCP","127.0.0.1",{tcp_peer.port},0,1') == ["OK"]
+        assert await host.line() == "+QIOPEN: 0,0"
+        server = await tcp_peer.connection()
+        await server.send_all(bytes(20_000))
+        # Bytes on the wire after the first frame header, over the time they took.
+        started = None
+        payload = wire = 0
+        while payload < 20_000:
+            head = await host.line()
+            if started is None:
+                started = trio.current_time()
+            else:
+                wire += len(head) + 4
+            count = int(head.rsplit(",", 1)[1])
+            await host.read_exactly(count + 2)
+            payload += count
+            wire += count + 2
+        elapsed = trio.current_time() - started
+    rate = wire / elapsed
+    assert 0.85 * 11520 <= rate <= 1.15 * 11520, rate
+    assert emulator.stats.bytes_out >= wire
+
+
+async def test_input_pacing_at_115200(start_modem, tcp_peer) -> None:
+    """QISEND data upstream is consumed no faster than the line could carry it."""
+    emulator, host = await start_modem(baud=115200)
+    with trio.fail_after(10):
+        assert await host.command("AT+QIACT=1") == ["OK"]
+        assert await host.command(f'AT+QIOPEN=1,0,"TCP","127.0.0.1",{tcp_peer.port},0,1') == ["OK"]
+        assert await host.line() == "+QIOPEN: 0,0"
+        before = emulator.stats.bytes_in
+        started = trio.current_time()
+        for _ in range(4):
+            await host.send(b"AT+QISEND=0,1460\r")
+            await host.expect(b"\r\n> ")
+            await host.send(bytes(1460))
+            await host.expect(b"\r\nSEND OK\r\n")
+        elapsed = trio.current_time() - started
+        await tcp_peer.wait_received(4 * 1460)
+    sent = emulator.stats.bytes_in - before
+    # Input pacing alone bounds it from below; the prompts' output time adds a little on top.
+    assert sent / 11520 * 0.97 <= elapsed <= sent / 11520 * 1.3, (sent, elapsed)
