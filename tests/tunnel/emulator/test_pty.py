@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import tty
 
 import trio
@@ -124,3 +127,38 @@ async def test_input_pacing_at_115200(start_modem, tcp_peer) -> None:
     sent = emulator.stats.bytes_in - before
     # Input pacing alone bounds it from below; the prompts' output time adds a little on top.
     assert sent / 11520 * 0.97 <= elapsed <= sent / 11520 * 1.3, (sent, elapsed)
+
+
+async def test_run_standalone_signals(tmp_path) -> None:
+    """The standalone emulator: link, SIGUSR2 reboot, SIGUSR1 pdpdeact, SIGTERM clean exit."""
+    link = tmp_path / "uc20"
+    code = (
+        "import sys; from tunnel.emulator import run_standalone; "
+        "run_standalone(sys.argv[1], baud=None, faults=['cmee:1'])"
+    )
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", code, str(link)], stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    log = b""
+    try:
+        with trio.fail_after(20):
+            while b"emulator serving" not in log:
+                chunk = await proc.stderr.receive_some(4096)
+                assert chunk, log
+                log += chunk
+            host = Host(open_port(str(link)))
+            await host.boot()
+            assert await host.command("AT+QIACT=1;+CMEE?") == ["+CMEE: 1", "OK"]
+            proc.send_signal(signal.SIGUSR1)
+            assert await host.line() == '+QIURC: "pdpdeact",1'
+            proc.send_signal(signal.SIGUSR2)
+            await host.boot()
+            proc.send_signal(signal.SIGTERM)
+            assert await proc.wait() == 0
+            await host.stream.aclose()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert not link.is_symlink()
