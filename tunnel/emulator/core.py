@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -40,6 +41,14 @@ _ESC: Final = bytes([ESC])
 def is_tcpip(name: str) -> bool:
     """Commands of this manual; their errors set AT+QIGETERROR's code (2.15)."""
     return name.startswith("+QI") or name in ("+QPING", "+QNTP")
+
+
+def redact(text: str) -> str:
+    """A command line fit for the log: PINs (+CPIN) and credentials (+QICSGP) masked."""
+    upper = text.upper()
+    if "+CPIN" in upper or "+QICSGP" in upper:
+        return re.sub(r'"[^"]*"', '"***"', text)
+    return text
 
 
 class LineClosed(Exception):
@@ -325,7 +334,7 @@ class Emulator:
         """Run one command line: echo, each `;`-separated command, then OK or the error."""
         text = raw.decode("latin-1")
         self._record(text)
-        log.debug("command %s", text[:60])
+        log.debug("command %s", redact(text[:60]))
         if s.echo:
             s.put(raw + b"\r")  # echo is the line as received plus its CR (DESIGN.md)
         after: list[Callable[[], None]] = []
@@ -338,7 +347,10 @@ class Emulator:
                 if handler is None:
                     raise CmdError(None)
                 reply = await handler(s, command)
-            except CmdError as exc:
+            except Exception as exc:  # CmdError, or a bug that must not kill the modem
+                if not isinstance(exc, CmdError):
+                    log.exception("command crashed name=%s", name)
+                    exc = CmdError(552 if is_tcpip(name) else None)
                 code = exc.code
                 if is_tcpip(name):
                     code = code if code is not None else INVALID_PARAMETERS

@@ -77,7 +77,7 @@ async def on_qidnsgip(s: Session, cmd: Command) -> Reply | None:
 
     def answer() -> None:
         addresses = internet.resolve(host)
-        log.info("dns host=%s result=%s", host, addresses)
+        log.debug("dns host=%s result=%s", host, addresses)
         if not addresses:
             s.last_error = ErrorCode.DNS_PARSE_FAILED
             s.urc(f'+QIURC: "dnsgip",{int(ErrorCode.DNS_PARSE_FAILED)},0,0')

@@ -238,7 +238,7 @@ async def open_host_socket(s: Session, conn: Conn, host: str, port: int) -> int:
             try:
                 await sock.bind((host, conn.local_port))
             except OSError as exc:
-                log.info("bind failed id=%d port=%d err=%s", conn.connect_id, conn.local_port, exc)
+                log.debug("bind failed id=%d port=%d err=%s", conn.connect_id, conn.local_port, exc)
                 sock.close()
                 return 568
             if conn.service in (LISTENER, UDP_SERVICE):
@@ -258,7 +258,7 @@ async def open_host_socket(s: Session, conn: Conn, host: str, port: int) -> int:
         try:
             await sock.connect((host, port))
         except OSError as exc:
-            log.info("connect failed id=%d port=%d err=%s", conn.connect_id, port, exc)
+            log.debug("connect failed id=%d port=%d err=%s", conn.connect_id, port, exc)
             sock.close()
             return 554
         if conn.service == UDP:
@@ -288,7 +288,7 @@ async def run_stream_reader(s: Session, conn: Conn) -> None:
                 break
             s.deliver(conn, data)
     except trio.BrokenResourceError as exc:
-        log.info("host socket reset id=%d err=%s", conn.connect_id, exc)
+        log.debug("host socket reset id=%d err=%s", conn.connect_id, exc)
     s.remote_closed(conn)
 
 
@@ -353,6 +353,10 @@ async def run_tasks(s: Session, conn: Conn) -> None:
                 nursery.start_soon(_run_writer, s, conn)
     except* trio.ClosedResourceError:
         pass  # the socket was closed under a reader: the connectID is being closed
+    except* Exception as group:
+        # One broken host socket must never take the modem down: report it as closed.
+        log.warning("connection failed id=%d err=%r", conn.connect_id, group.exceptions[0])
+        s.remote_closed(conn)
     finally:
         if s.conns.get(conn.connect_id) is not conn:
             conn.close_now()
@@ -362,6 +366,6 @@ async def _run_writer(s: Session, conn: Conn) -> None:
     try:
         await conn.run_writer()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.info("host socket write failed id=%d err=%s", conn.connect_id, exc)
+        log.debug("host socket write failed id=%d err=%s", conn.connect_id, exc)
         conn.tx.clear()
         s.remote_closed(conn)

@@ -149,7 +149,7 @@ async def on_qiopen(s: Session, cmd: Command) -> Reply | None:
         shown = target[0] if isinstance(target, tuple) else host
         conn = Conn(connect_id, ctx, service, shown, remote_port, local_port, access)
     s.conns[connect_id] = conn
-    log.info("open id=%d service=%s host=%s port=%d access=%d", connect_id, service, host,
+    log.debug("open id=%d service=%s host=%s port=%d access=%d", connect_id, service, host,
              remote_port, access)  # fmt: skip
     if s.emu.faults.open_error_immediate:
         code = await s.nursery.start(run_open, s, conn, target, False)
@@ -204,7 +204,7 @@ async def on_qiclose(s: Session, cmd: Command) -> Reply | None:
             await conn.wait_tx_empty()
     if s.conns.get(connect_id) is conn:
         s.drop(conn)
-    log.info("closed id=%d", connect_id)
+    log.debug("closed id=%d", connect_id)
     return None
 
 
@@ -296,8 +296,12 @@ async def complete_send(s: Session, job: SendJob, cancelled: bool) -> None:
                 conn.peer_names[(real, job.port)] = job.ip
                 await conn.sock.sendto(data, (real, job.port))
     except OSError as exc:
+        # Loopback ICMP errors from earlier datagrams surface here; UDP ignores them.
         if exc.errno not in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-            raise
+            log.debug("udp send failed id=%d err=%s", conn.connect_id, exc)
+            s.last_error = ErrorCode.UNKNOWN
+            s.put(s.error_frame(ErrorCode.UNKNOWN))
+            return
     conn.tx_total += len(data)
     conn.tx_acked += len(data)
     s.put(frame("SEND OK"))
