@@ -27,6 +27,9 @@ MIN_THROTTLED_HIGH_WATER: Final = 4096
 # Unthrottled writes coalesce queued frames up to this size into one send_all.
 MAX_WRITE: Final = 256 * 1024
 MAX_READ: Final = 65536
+# Paced input: a chunk read this soon after the previous one finished arriving counts as
+# back-to-back on the line (see `SerialLine.receive`). Bounds how early a byte can be seen.
+INPUT_SLACK: Final = 0.002
 
 
 def frame(line: str | bytes) -> bytes:
@@ -168,7 +171,12 @@ class SerialLine:
         """
         data = await self._stream.receive_some(self._read_size)
         if data and self.rate is not None:
-            self._in_time = max(self._in_time, trio.current_time()) + len(data) / self.rate
+            # Data read within SLACK of the previous chunk's arrival was already waiting: the
+            # line was busy the whole time, so it arrives right after that chunk. Restarting
+            # from "now" there would add every sleep's wake-up latency to the line time.
+            now = trio.current_time()
+            start = self._in_time if now - self._in_time <= INPUT_SLACK else now
+            self._in_time = start + len(data) / self.rate
             await trio.sleep_until(self._in_time)
         self.bytes_in += len(data)
         return bytes(data)
