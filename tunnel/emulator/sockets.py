@@ -227,11 +227,16 @@ def _family(host: str) -> stdsocket.AddressFamily:
 async def open_host_socket(s: Session, conn: Conn, host: str, port: int) -> int:
     """Create the host socket for `conn` toward `host` (already checked to be loopback).
 
-    Returns 0 or the manual's error code: 554 connect failed, 567 listen failed, 568 bind failed.
+    Returns 0 or the manual's error code: 554 connect failed, 560 socket creation failed,
+    567 listen failed, 568 bind failed.
     """
     family = _family(host)
     kind = stdsocket.SOCK_DGRAM if conn.is_udp else stdsocket.SOCK_STREAM
-    sock = trio.socket.socket(family, kind)
+    try:
+        sock = trio.socket.socket(family, kind)
+    except OSError as exc:  # e.g. no IPv6 on this host
+        log.debug("socket failed id=%d err=%s", conn.connect_id, exc)
+        return 560 if conn.service in (LISTENER, UDP_SERVICE) else 554
     try:
         if conn.service in (LISTENER, UDP_SERVICE) or conn.local_port:
             sock.setsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_REUSEADDR, 1)

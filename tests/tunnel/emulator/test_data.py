@@ -404,3 +404,45 @@ async def test_send_buffer_full_answers_send_fail(modem) -> None:
         assert await host.command("AT+QISEND=0,0") == [f"+QISEND: {sent},{sent},0", "OK"]
     server.close()
     listener.close()
+
+
+async def test_qiclose_while_opening_reports_nothing(start_modem, tcp_peer) -> None:
+    emulator, host = await start_modem(open_delay=0.3)
+    with trio.fail_after(5):
+        assert await host.command("AT+QIACT=1") == ["OK"]
+        opened = await host.command(f'AT+QIOPEN=1,0,"TCP","127.0.0.1",{tcp_peer.port},0,1')
+        assert opened == ["OK"]
+        state = await host.command("AT+QISTATE=1,0")
+        assert state[0].split(",")[5] == "1"  # opening
+        assert await host.command("AT+QICLOSE=0") == ["OK"]
+        assert emulator.socket_ids_in_use() == []
+        # A new open on the same connectID gets its own (single) result.
+        opened = await host.command(f'AT+QIOPEN=1,0,"TCP","127.0.0.1",{tcp_peer.port},0,1')
+        assert opened == ["OK"]
+        assert await host.line() == "+QIOPEN: 0,0"
+        assert await host.command("AT") == ["OK"]
+
+
+async def test_listener_fills_connect_ids_from_the_top(modem) -> None:
+    emulator, host = modem
+    with trio.fail_after(10):
+        assert await host.command('AT+QIOPEN=1,0,"TCP LISTENER","127.0.0.1",0,0,1') == ["OK"]
+        assert await host.line() == "+QIOPEN: 0,0"
+        port = int((await host.command("AT+QISTATE=1,0"))[0].split(",")[4])
+        clients = []
+        for expected in range(11, 0, -1):
+            clients.append(await trio.open_tcp_stream("127.0.0.1", port))
+            line = await host.line()
+            assert line.startswith(f'+QIURC: "incoming",{expected},0,"127.0.0.1",')
+        clients.append(await trio.open_tcp_stream("127.0.0.1", port))
+        assert await host.line() == '+QIURC: "incoming full"'
+        # Incoming connections inherit the listener's push mode (2.4).
+        await clients[0].send_all(b"hi")
+        assert await host.line() == '+QIURC: "recv",11,2'
+        await host.expect(b"hi\r\n")
+        state = await host.command("AT+QISTATE=1,11")
+        assert state[0].startswith('+QISTATE: 11,"TCP INCOMING","127.0.0.1",')
+        assert state[0].endswith(f',{port},2,1,0,1,"usbmodem"')
+        assert emulator.socket_ids_in_use() == list(range(12))
+        for client in clients:
+            await client.aclose()

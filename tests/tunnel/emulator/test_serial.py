@@ -6,6 +6,7 @@ import pytest
 import trio
 
 from tests.tunnel.emulator.helpers import BOOT
+from tunnel.emulator.core import redact
 
 
 async def test_boot_with_echo_on(start_modem) -> None:
@@ -209,3 +210,49 @@ async def test_no_sim(start_modem) -> None:
         assert await host.command("AT+CMEE=1;+CPIN?") == ["+CME ERROR: 10"]
         assert await host.command("AT+CMEE=2;+CPIN?") == ["+CME ERROR: SIM not inserted"]
         assert await host.command("AT+QIACT=1") == ["+CME ERROR: active PDP failed"]
+
+
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        ("AT+QICSGP=?", ["+QICSGP: (1-16),1-IPV4,APN,USER NAME, PASSWORD,(0-3)", "OK"]),
+        ("AT+QIACT=?", ["+QIACT: (1-16)", "OK"]),
+        ("AT+QIDEACT=?", ["OK"]),
+        (
+            "AT+QIOPEN=?",
+            [
+                '+QIOPEN: (1-16),(0-11),"TCP/UDP/TCP LISTENER/UDP SERVICE",'
+                '"<IP_address>/<domain_name>",<remote_port>,<local_port>,(0-2)',
+                "OK",
+            ],
+        ),
+        ("AT+QIOPEN?", ["OK"]),
+        ("AT+QICLOSE=?", ["OK"]),
+        ("AT+QISTATE=?", ["OK"]),
+        ("AT+QISEND=?", ["+QISEND: (0-11),(0-1460)", "OK"]),
+        ("AT+QIRD=?", ["+QIRD: (0-11),(0-1500)", "OK"]),
+        ("AT+QISWTMD=?", ["+QISWTMD: (0-11),(0-2)", "OK"]),
+        ("AT+QISWTMD?", ["OK"]),
+        ("AT+QPING=?", ['+QPING: (1-16),"HOST",(1-255),(1-10)', "OK"]),
+        ("AT+QNTP=?", ['+QNTP: (1-16),"SERVER",(1-65535),(0,1)', "OK"]),
+        ("AT+QIDNSCFG=?", ['+QIDNSCFG: (1-16),"pridnsaddr","secdnsaddr"', "OK"]),
+        ("AT+QIDNSGIP=?", ['+QIDNSGIP: (1-16),"hostname"', "OK"]),
+        (
+            "AT+QICFG=?",
+            ['+QICFG: "transpktsize",(1-1460)', '+QICFG: "transwaittm",(0-20)', "OK"],
+        ),
+        ("AT+QIGETERROR=?", ["OK"]),
+        ("AT+CMEE=?", ["+CMEE: (0-2)", "OK"]),
+        ("AT+CFUN=?", ["+CFUN: (0,1,4),(0-1)", "OK"]),
+    ],
+)
+async def test_test_and_read_forms(command, answer, start_modem) -> None:
+    _, host = await start_modem()
+    with trio.fail_after(5):
+        assert await host.command(command) == answer
+
+
+def test_logged_commands_hide_pins_and_credentials() -> None:
+    assert redact('AT+CPIN="1234"') == 'AT+CPIN="***"'
+    assert redact('AT+QICSGP=1,1,"apn","user","secret",2') == ('AT+QICSGP=1,1,"***","***","***",2')
+    assert redact('AT+QIOPEN=1,0,"TCP","a.test",80') == 'AT+QIOPEN=1,0,"TCP","a.test",80'
