@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import socket as stdsocket
 
 import trio
 import trio.lowlevel
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.tunnel.emulator.helpers import free_udp_port, udp_socket
+from tests.tunnel.emulator.helpers import Host, TcpPeer, free_udp_port, udp_socket
+from tunnel.emulator import Emulator
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00\r\nERROR\r\n\x1b'
 
@@ -446,3 +451,41 @@ async def test_listener_fills_connect_ids_from_the_top(modem) -> None:
         assert emulator.socket_ids_in_use() == list(range(12))
         for client in clients:
             await client.aclose()
+
+
+SPLIT_INPUT = (
+    b"AT+QISEND=0,6\r"
+    + b"a\r\nb\x1a\x00"
+    + b"AT+QISEND=0\r"
+    + b"xy\r\nz\x1a"
+    + b"AT+QISEND=0\r"
+    + b"dropped\x1b"
+    + b"\nAT\r\n"
+)
+# Two sends, the ESC-cancelled one (OK), then the AT.
+SPLIT_OUTPUT = b"\r\n> \r\nSEND OK\r\n" * 2 + b"\r\n> \r\nOK\r\n" + b"\r\nOK\r\n"
+
+
+@settings(max_examples=25, deadline=None)
+@given(cuts=st.lists(st.integers(0, len(SPLIT_INPUT)), max_size=8))
+async def test_input_split_anywhere(cuts) -> None:
+    """Commands and QISEND data cut at any byte boundaries give the same answers."""
+    emulator = Emulator()
+    modem_end, host_end = trio.testing.memory_stream_pair()
+    host = Host(host_end)
+    async with trio.open_nursery() as nursery:
+        tcp_peer = await TcpPeer().start(nursery)
+        nursery.start_soon(emulator.serve, modem_end)
+        with trio.fail_after(5):
+            await host.boot()
+            assert await host.command("AT+QIACT=1") == ["OK"]
+            await open_tcp(host, tcp_peer, connect_id=0, access=0)
+            bounds = [0, *sorted(cuts), len(SPLIT_INPUT)]
+            for start, end in itertools.pairwise(bounds):
+                await host.send(SPLIT_INPUT[start:end])
+                await trio.testing.wait_all_tasks_blocked()
+            assert await host.read_exactly(len(SPLIT_OUTPUT)) == SPLIT_OUTPUT
+            await tcp_peer.wait_received(11)
+            assert await host.command("AT+QISEND=0,0") == ["+QISEND: 11,11,0", "OK"]
+        nursery.cancel_scope.cancel()
+    assert tcp_peer.received[-1] == b"a\r\nb\x1a\x00xy\r\nz"
