@@ -55,6 +55,7 @@ class SerialLine:
         self._drained = trio.Event()
         self._drained.set()
         self._muted = False
+        self._epoch = 0  # bumped when queued output is dropped (the chunk in flight is not)
         self._next_free = 0.0  # virtual clock: when the line is free to send again
         self._in_time = 0.0  # virtual clock: when the last received byte finished arriving
         if self.rate is None:
@@ -102,6 +103,7 @@ class SerialLine:
         """Drop everything not yet written (a reboot loses the UART FIFO)."""
         self._frames.clear()
         self._pending = 0
+        self._epoch += 1
         self._wake()
 
     def mute(self, muted: bool) -> None:
@@ -110,6 +112,7 @@ class SerialLine:
         if muted:
             self._frames.clear()
             self._pending = 0
+            self._epoch += 1
             self._drained.set()
             if self._room.is_set():
                 self._room = trio.Event()  # push readers park until unmuted
@@ -151,6 +154,7 @@ class SerialLine:
                 await self._has_data.wait()
                 continue
             data = self._take(self._chunk)
+            epoch = self._epoch
             if self.rate is not None:
                 # Exact virtual clock: this chunk starts when the line is free (or now, if it has
                 # been idle) and occupies it for n/rate seconds; no accumulated drift.
@@ -159,7 +163,8 @@ class SerialLine:
                 await trio.sleep_until(start)
             await self._stream.send_all(data)
             self.bytes_out += len(data)
-            self._pending = max(0, self._pending - len(data))
+            if epoch == self._epoch:  # else the count was reset while this chunk was out
+                self._pending -= len(data)
             self._wake()
 
     # -- input --------------------------------------------------------------------------------
