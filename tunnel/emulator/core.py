@@ -219,8 +219,15 @@ class Emulator:
             async with trio.open_nursery() as nursery:
                 session = Session(self, line, nursery)
                 self.session = session
-                nursery.start_soon(self._boot, session)
+                if self.config.boot_delay <= 0:
+                    # Booted before the first byte is read: no host input can be lost to a
+                    # scheduling race. With a boot delay, input until RDY is discarded.
+                    self._finish_boot(session)
+                else:
+                    nursery.start_soon(self._boot, session)
                 nursery.start_soon(self._read_loop, session)
+                if self.faults.searching_for > 0:
+                    nursery.start_soon(self._end_search, session)
                 await self._reboot.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -233,6 +240,10 @@ class Emulator:
 
     async def _boot(self, s: Session) -> None:
         await trio.sleep(self.config.boot_delay)
+        self._finish_boot(s)
+
+    def _finish_boot(self, s: Session) -> None:
+        """RDY and the boot URCs; from now on commands are answered."""
         s.urc("RDY")
         s.urc("+CFUN: 1")
         s.urc(f"+CPIN: {s.sim}")
@@ -243,11 +254,12 @@ class Emulator:
         self.stats.boots += 1
         log.info("booted count=%d", self.stats.boots)
         self._notify()
-        searching = self.faults.searching_for
-        if searching > 0:
-            await trio.sleep_until(s.boot_time + searching)
-            if self.faults.registration is None:
-                s.registration_changed()
+
+    async def _end_search(self, s: Session) -> None:
+        """The searching:S fault ends: registration changes to registered."""
+        await trio.sleep_until(s.boot_time + self.faults.searching_for)
+        if self.faults.registration is None:
+            s.registration_changed()
 
     # -- input -----------------------------------------------------------------------------
 

@@ -46,7 +46,12 @@ async def serve_pty(
     """Create a pty pair, put both ends in raw mode, keep a slave fd open ourselves (so the
     master never sees EIO while the driver closes/reopens the port), symlink `link` -> slave path
     if given (replace a stale link; remove it on exit), task_status.started(slave_path), serve the
-    emulator on the master fd (trio.lowlevel.FdStream) until cancelled."""
+    emulator on the master fd (trio.lowlevel.FdStream) until cancelled.
+
+    started() comes once the first boot sequence (RDY ...) has been written to the pty, so with
+    a `boot_delay` it waits that long; the RDY stays in the slave's input queue unless the host
+    flushes it on open. To watch a modem mid-boot, use `Emulator.serve` on a stream directly.
+    """
     master, slave = os.openpty()
     try:
         tty.setraw(master)
@@ -60,9 +65,21 @@ async def serve_pty(
     try:
         if link is not None:
             _replace_link(link, slave_path)
-        log.info("emulator pty ready path=%s link=%s", slave_path, link)
-        task_status.started(slave_path)
-        await emulator.serve(stream)
+        async with trio.open_nursery() as nursery:
+            boots = emulator.stats.boots
+
+            async def serve() -> None:
+                await emulator.serve(stream)
+                nursery.cancel_scope.cancel()  # the line closed: nothing left to serve
+
+            nursery.start_soon(serve)
+            # Report the port once the boot URCs are on it, like a modem that was powered up
+            # before the host opened the port: the host's first command is never lost to boot.
+            await emulator.wait_booted(boots + 1)
+            if emulator.line is not None:
+                await emulator.line.wait_drained()
+            log.info("emulator pty ready path=%s link=%s", slave_path, link)
+            task_status.started(slave_path)
     finally:
         if link is not None:
             _remove_link(link, slave_path)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import termios
 import tty
 
 import trio
@@ -15,9 +16,10 @@ from tunnel.emulator import Emulator, serve_pty
 
 
 def open_port(path: str) -> trio.lowlevel.FdStream:
-    """Open a tty the way a driver would, without pyserial: O_NOCTTY, raw mode."""
+    """Open a tty the way a driver would, without pyserial: O_NOCTTY, raw mode (set at once:
+    TCSAFLUSH would discard the boot URCs already waiting)."""
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)
     return trio.lowlevel.FdStream(fd)
 
 
