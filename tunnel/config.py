@@ -43,6 +43,9 @@ class Settings:
     tun_routes: tuple[str, ...] = ()
     control: str = "/run/uc20-tunnel/control.sock"
     log_level: str = "info"
+    reset_command: str = ""
+    probe_interval: float = 30.0
+    probe_timeout: float = 60.0
 
     @property
     def auth_method(self) -> Auth:
@@ -198,6 +201,9 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "tun_routes": _routes,
     "control": _device,
     "log_level": _choice(*LOG_LEVELS),
+    "reset_command": _str,
+    "probe_interval": _positive,
+    "probe_timeout": _positive,
 }
 
 

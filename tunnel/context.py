@@ -7,6 +7,8 @@ reused as it is.
 import logging
 from dataclasses import dataclass
 
+import trio
+
 from .at import commands as at
 from .at.errors import CommandError, ErrorCode, ModemError
 from .modem import Modem
@@ -60,3 +62,35 @@ async def activate(modem: Modem, settings: ContextSettings) -> str:
 async def deactivate(modem: Modem, context_id: int) -> None:
     await modem.command(at.qideact(context_id))
     log.info("context down ctx=%d", context_id)
+
+
+async def recover(modem: Modem, settings: ContextSettings, *, longest_pause: float = 60.0) -> str:
+    """Bring a dropped context back: AT+QIDEACT (2.16.5: the host must), then AT+QIACT.
+
+    Retries with capped exponential backoff while the modem answers; a command timeout (the
+    modem is hung) propagates to the supervisor. Returns the new IP address.
+    """
+    ctx = settings.context_id
+    pause = 1.0
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            await modem.command(at.qideact(ctx))
+        except CommandError as exc:
+            log.info("context deactivate before recovery ctx=%d answered=%s", ctx, exc)
+        try:
+            ip = await activate(modem, settings)
+        except (CommandError, ContextError) as exc:
+            log.warning(
+                "context recovery failed ctx=%d attempt=%d retry_in=%gs reason=%s",
+                ctx,
+                attempt,
+                pause,
+                exc,
+            )
+            await trio.sleep(pause)
+            pause = min(pause * 2, longest_pause)
+            continue
+        log.info("context recovered ctx=%d ip=%s attempts=%d", ctx, ip, attempt)
+        return ip

@@ -1,10 +1,20 @@
-"""The daemon: port, modem start-up, PDP context, socket pool and SOCKS5 server under one nursery.
+"""The daemon: SOCKS5 server plus a supervised modem session, under one nursery.
 
-Stopping (SIGTERM/SIGINT via `Daemon.stop`) closes every flow with AT+QICLOSE, deactivates the
-context and returns; every step is bounded by the manual's limits.
+The SOCKS listener stays up for the daemon's whole life; while the modem is down, requests wait
+`connect_wait` and then get "network unreachable". A modem session opens the port, starts the
+modem, brings the PDP context up and serves until something breaks:
+- `pdpdeact` (or a context found dead by the idle probe): flows reset, connectIDs closed,
+  the context recovered in place (context.recover);
+- `RDY` (the modem restarted on its own) or the port vanishing: flows reset, a new session;
+- a command past its manual limit, or start-up failing: the modem is rebooted following the
+  manual's restart schedule (supervisor.py), with AT+CFUN=1,1 or the configured reset_command;
+- a SIM problem: reported and left alone (a PIN is never retried).
+Stopping (SIGTERM/SIGINT via `Daemon.stop`) closes every flow, deactivates the context, returns.
 """
 
+import enum
 import logging
+import shlex
 from dataclasses import dataclass
 
 import trio
@@ -13,39 +23,66 @@ from proxy import serve_socks5
 
 from . import context, sdnotify
 from .at import commands as at
-from .at.errors import ModemError
-from .at.events import PdpDeactivated, Ready
+from .at.errors import CommandError, ModemError, ModemGone
+from .at.events import PdpDeactivated
 from .config import Settings
 from .dialer import ModemDialer
-from .modem import Modem
-from .serialport import open_port
+from .modem import Modem, with_timeout
+from .serialport import SerialPortError, open_port
 from .sockets import SocketPool
-from .startup import start_up
+from .startup import SimError, start_up
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BAUD = 115200
+PORT_POLL = 1.0  # seconds between looks for a vanished device path
+REBOOT_SIGN_WAIT = 30.0  # how long a reboot may take to show (RDY or the port going away)
 
 
 @dataclass(frozen=True, slots=True)
 class Serving:
-    """What `Daemon.run` reports to `task_status.started()` once it serves."""
+    """What `Daemon.run` reports to `task_status.started()` once it first serves."""
 
     socks: list[tuple[str, int]]
     ip: str
     device: str
 
 
+class End(enum.Enum):
+    """Why a modem session ended."""
+
+    STOP = "stop requested"
+    RESTARTED = "modem restarted (RDY)"
+    GONE = "port closed"
+    HUNG = "modem stopped answering"
+    REBOOTED = "modem rebooted after a failure"
+
+
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.dialer = ModemDialer(None, connect_wait=settings.connect_wait)
-        self._stop = trio.Event()
+        self.dialer = ModemDialer(connect_wait=settings.connect_wait)
+        self.supervisor = Supervisor()
         self.modem: Modem | None = None
+        self.pool: SocketPool | None = None
         self.emulator: object | None = None
+        self.ip = ""
+        self.problem = ""  # a condition that needs a human (SIM)
+        self.sessions = 0
+        self._stop = trio.Event()
+        self._announced = False
+        # Start-up can take minutes (registration, QIACT): a stop request cuts it short.
+        self._startup_scope: trio.CancelScope | None = None
 
     def stop(self) -> None:
         self._stop.set()
+        if self._startup_scope is not None:
+            self._startup_scope.cancel()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     async def run(
         self, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
@@ -53,7 +90,6 @@ class Daemon:
         s = self.settings
         async with trio.open_nursery() as nursery:
             device = s.device
-            baud = s.baud or DEFAULT_BAUD
             if s.emulate:
                 from .emulator import Emulator, serve_pty
 
@@ -61,57 +97,221 @@ class Daemon:
                 self.emulator = emulator
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
-            stream = await open_port(device, baud)
-            async with Modem.open(stream) as modem:
-                self.modem = modem
-                await self._serve(modem, device, task_status)
+            socks = await nursery.start(
+                _serve_proxy, self.dialer, list(s.socks), dict(s.socks_users)
+            )
+            await self._supervise(device, socks, task_status)
             nursery.cancel_scope.cancel()
 
-    async def _serve(
-        self, modem: Modem, device: str, task_status: trio.TaskStatus[Serving]
-    ) -> None:
-        s = self.settings
-        await start_up(modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout)
-        settings = context.ContextSettings(s.context, s.apn, s.username, s.password, s.auth_method)
-        ip = await context.activate(modem, settings)
-        await reconcile_sockets(modem, s.context)
-        async with SocketPool.open(modem, s.context) as pool:
-            lost = trio.Event()
+    # --- supervision ------------------------------------------------------------------------
 
-            def on_ready(_: Ready) -> None:
-                pool.fail_all("modem restarted", modem_lost_sockets=True)
-                lost.set()
+    async def _supervise(
+        self, device: str, socks: list[tuple[str, int]], task_status: trio.TaskStatus[Serving]
+    ) -> None:
+        while not self.stopping:
+            try:
+                end = await self._session(device, socks, task_status)
+            except SimError as exc:
+                self.problem = str(exc)
+                self.supervisor.state = "sim-error"
+                log.error("sim problem, waiting for a human: %s", exc)
+                sdnotify.notify(f"STATUS=SIM problem: {exc}")
+                await self._stop.wait()
+                return
+            if end is End.STOP:
+                return
+            log.warning("modem session ended reason=%s", end.value)
+            if end is End.GONE:
+                # The port broke: give a vanishing USB device a moment before looking again.
+                with trio.move_on_after(PORT_POLL):
+                    await self._stop.wait()
+
+    async def _session(
+        self, device: str, socks: list[tuple[str, int]], task_status: trio.TaskStatus[Serving]
+    ) -> End:
+        stream = await self._open_port(device)
+        if stream is None:
+            return End.STOP
+        self.sessions += 1
+        async with Modem.open(stream) as modem:
+            self.modem = modem
+            try:
+                end = await self._bring_up_and_serve(modem, device, socks, task_status)
+            except SimError:
+                raise
+            except ModemGone as exc:
+                log.warning("modem lost: %s", exc)
+                end = End.RESTARTED if modem.alive else End.GONE
+            except ModemError as exc:
+                if self.stopping:
+                    return End.STOP
+                await self._reboot(modem, f"{type(exc).__name__}: {exc}")
+                return End.REBOOTED
+            finally:
+                self.dialer.set_pool(None)
+                self.pool = None
+            if end is End.HUNG:
+                await self._reboot(modem, "modem stopped answering")
+            elif end is End.STOP and modem.alive:
+                await self._deactivate(modem)
+            return end
+
+    async def _open_port(self, device: str) -> trio.abc.Stream | None:
+        """Open the device, waiting for it to (re)appear: a rebooting USB modem vanishes."""
+        waiting = False
+        while not self.stopping:
+            if device.startswith("socket://") or await trio.Path(device).exists():
+                try:
+                    return await open_port(device, self.settings.baud or DEFAULT_BAUD)
+                except (SerialPortError, OSError) as exc:
+                    log.warning("port open failed device=%s reason=%s", device, exc)
+            elif not waiting:
+                log.warning("waiting for device %s to appear", device)
+                waiting = True
+            with trio.move_on_after(PORT_POLL):
+                await self._stop.wait()
+        return None
+
+    async def _bring_up_and_serve(
+        self,
+        modem: Modem,
+        device: str,
+        socks: list[tuple[str, int]],
+        task_status: trio.TaskStatus[Serving],
+    ) -> End:
+        s = self.settings
+        self.supervisor.state = "starting"
+        settings = context.ContextSettings(s.context, s.apn, s.username, s.password, s.auth_method)
+        with trio.CancelScope() as self._startup_scope:
+            await start_up(modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout)
+            self.ip = await context.activate(modem, settings)
+            await reconcile_sockets(modem, s.context)
+        self._startup_scope = None
+        if self.stopping:
+            return End.STOP
+        async with SocketPool.open(modem, s.context) as pool:
+            self.pool = pool
+            self.supervisor.working()
+            dropped = trio.Event()
 
             def on_pdpdeact(event: PdpDeactivated) -> None:
                 if event.context_id == s.context:
                     log.warning("context dropped by the network ctx=%d", event.context_id)
-                    pool.fail_all("network dropped the PDP context", modem_lost_sockets=False)
-                    lost.set()
+                    dropped.set()
 
-            modem.route(Ready, on_ready)
-            modem.route(PdpDeactivated, on_pdpdeact)
-            self.dialer.pool = pool
-            async with trio.open_nursery() as serving:
-                bound = await serving.start(
-                    _serve_proxy, self.dialer, list(s.socks), dict(s.socks_users)
-                )
-                addrs = ",".join(_hostport(h, p) for h, p in bound)
-                log.info("ready socks=%s ip=%s", addrs, ip)
-                sdnotify.notify("READY=1", f"STATUS=serving socks={addrs} ip={ip}")
-                task_status.started(Serving(bound, ip, device))
-                await first_of(self._stop, lost, modem.closed)
-                serving.cancel_scope.cancel()
-            self.dialer.pool = None
-            if not self._stop.is_set():
-                raise ModemError("modem lost (restart, context drop or port closed)")
-            sdnotify.notify("STOPPING=1")
-            log.info("stopping: closing flows")
+            unroute = modem.route(PdpDeactivated, on_pdpdeact)
+            try:
+                while True:
+                    self.dialer.set_pool(pool)
+                    self._announce(socks, device, task_status)
+                    end = await self._watch(modem, dropped)
+                    self.dialer.set_pool(None)
+                    if end is not None:
+                        if end is End.RESTARTED or end is End.HUNG:
+                            await pool.reclaim(end.value, modem_lost_sockets=True)
+                        return end
+                    # The context is gone: reset flows, free ids, bring it back (2.16.5).
+                    self.supervisor.state = "recovering"
+                    sdnotify.notify("STATUS=recovering the PDP context")
+                    await pool.reclaim("network dropped the PDP context", modem_lost_sockets=False)
+                    dropped = trio.Event()
+                    self.ip = await context.recover(modem, settings)
+                    self.supervisor.working()
+            finally:
+                unroute()
+
+    async def _watch(self, modem: Modem, dropped: trio.Event) -> End | None:
+        """Serve until something happens; None means the context dropped."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe, modem, dropped)
+            await first_of(self._stop, dropped, modem.restarted, modem.closed, modem.unresponsive)
+            nursery.cancel_scope.cancel()
+        if self.stopping:
+            return End.STOP
+        if not modem.alive:
+            return End.GONE
+        if modem.restarted.is_set():
+            return End.RESTARTED
+        if modem.unresponsive.is_set():
+            return End.HUNG
+        return None
+
+    async def _probe(self, modem: Modem, dropped: trio.Event) -> None:
+        """While idle, ask AT+QIACT? now and then: it proves the modem answers and that our
+        context is still up (a context can die without a pdpdeact URC)."""
+        s = self.settings
+        probe = with_timeout(at.qiact_query(), s.probe_timeout, hang_signal=True)
+        while True:
+            idle_for = trio.current_time() - modem.last_answer
+            if idle_for < s.probe_interval:
+                await trio.sleep(s.probe_interval - idle_for)
+                continue
+            try:
+                states = at.parse_qiact((await modem.command(probe)).lines)
+            except (CommandError, ValueError) as exc:
+                log.warning("probe failed reason=%s", exc)
+                await trio.sleep(s.probe_interval)
+                continue
+            state = states.get(s.context)
+            if state is None or not state.active:
+                log.warning("context found inactive by probe ctx=%d", s.context)
+                dropped.set()
+                return
+
+    def _announce(
+        self, socks: list[tuple[str, int]], device: str, task_status: trio.TaskStatus[Serving]
+    ) -> None:
+        addrs = ",".join(_hostport(h, p) for h, p in socks)
+        log.info("ready socks=%s ip=%s", addrs, self.ip)
+        status = f"STATUS=serving socks={addrs} ip={self.ip}"
+        if not self._announced:
+            self._announced = True
+            sdnotify.notify("READY=1", status)
+            task_status.started(Serving(socks, self.ip, device))
+        else:
+            sdnotify.notify(status)
+
+    # --- ending a session -------------------------------------------------------------------
+
+    async def _reboot(self, modem: Modem, reason: str) -> None:
+        """Restart the modem, after the pause the manual's schedule asks for."""
+
+        async def pause(seconds: float) -> None:
+            with trio.move_on_after(seconds):
+                await self._stop.wait()
+
+        await self.supervisor.before_restart(reason, pause)
+        if self.stopping:
+            return
+        sdnotify.notify(f"STATUS=restarting the modem: {reason}")
         if modem.alive:
-            with trio.CancelScope(shield=True), trio.move_on_after(45):
-                try:
-                    await context.deactivate(modem, s.context)
-                except ModemError as exc:
-                    log.warning("deactivate failed ctx=%d reason=%s", s.context, exc)
+            try:
+                await modem.command(with_timeout(at.cfun_reboot(), 15))
+            except ModemError as exc:
+                log.warning("AT+CFUN=1,1 not acknowledged reason=%s", exc)
+        with trio.move_on_after(REBOOT_SIGN_WAIT):
+            await first_of(modem.restarted, modem.closed)
+        if modem.restarted.is_set() or modem.closed.is_set():
+            return
+        command = self.settings.reset_command
+        if not command:
+            log.error("modem did not restart and no reset_command is configured")
+            return
+        log.warning("running reset_command=%s", command)
+        try:
+            with trio.fail_after(120):
+                done = await trio.run_process(shlex.split(command), check=False)
+            log.warning("reset_command finished rc=%d", done.returncode)
+        except (OSError, trio.TooSlowError) as exc:
+            log.error("reset_command failed reason=%s", exc)
+
+    async def _deactivate(self, modem: Modem) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(45):
+            try:
+                await context.deactivate(modem, self.settings.context)
+            except ModemError as exc:
+                log.warning("deactivate failed ctx=%d reason=%s", self.settings.context, exc)
+        sdnotify.notify("STOPPING=1")
 
 
 async def _serve_proxy(

@@ -46,23 +46,40 @@ def reply_for(exc: BaseException) -> ReplyCode:
 
 
 class ModemDialer:
-    """Satisfies proxy.Dialer. `pool` is None while the network is down."""
+    """Satisfies proxy.Dialer. Without a pool (network down) a request waits `connect_wait`
+    for the network to come back, then gets NETWORK_UNREACHABLE: it never hangs."""
 
-    def __init__(self, pool: SocketPool | None, *, connect_wait: float = 5.0) -> None:
-        self.pool = pool
+    def __init__(self, pool: SocketPool | None = None, *, connect_wait: float = 5.0) -> None:
+        self.pool: SocketPool | None = None
+        self._available = trio.Event()
         self.connect_wait = connect_wait
+        self.set_pool(pool)
+
+    def set_pool(self, pool: SocketPool | None) -> None:
+        self.pool = pool
+        if pool is not None:
+            self._available.set()
+        elif self._available.is_set():
+            self._available = trio.Event()
 
     async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        pool = self.pool
-        if pool is None:
-            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+        pool: SocketPool | None = None
         with trio.move_on_after(self.connect_wait) as waited:
+            await self._available.wait()
+            pool = self.pool
+            assert pool is not None
             slot = await pool.reserve()
-        if waited.cancelled_caught:
+        if waited.cancelled_caught or pool is None:
+            if self.pool is None:
+                raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
             raise DialError(
                 ReplyCode.GENERAL_FAILURE,
                 f"all modem connections busy for {self.connect_wait:g} s",
             )
+        if self.pool is not pool:
+            # The network went down while we waited for a connectID.
+            pool.unreserve(slot)
+            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
         try:
             sock: ModemSocket = await pool.open_tcp(host, port, slot)
         except (ModemError, ValueError, trio.TooSlowError) as exc:

@@ -90,6 +90,12 @@ class Modem:
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
         self._gone: ModemGone | None = None
         self.closed = trio.Event()
+        # Set when a command outlives its manual limit: the supervisor reboots the modem.
+        self.unresponsive = trio.Event()
+        # Set on RDY: the modem restarted (on its own, or because we told it to).
+        self.restarted = trio.Event()
+        # trio clock of the last final result: the liveness probe runs only when idle.
+        self.last_answer = trio.current_time()
         self.stats = ModemStats()
         self._responses: dict[type[Event], Callable[[Any], None]] = {
             Info: self._on_info,
@@ -190,7 +196,9 @@ class Modem:
                         await pending.done.wait()
         except trio.TooSlowError:
             self.stats.timeouts += 1
-            log.warning("command timeout cmd=%s limit=%gs", cmd.name, cmd.timeout)
+            if cmd.hang_signal:
+                log.warning("command timeout cmd=%s limit=%gs", cmd.name, cmd.timeout)
+                self.unresponsive.set()
             raise CommandTimeout(cmd.name, cmd.timeout) from None
         finally:
             self._pending = None
@@ -276,6 +284,7 @@ class Modem:
             return
         pending.final = event
         pending.done.set()
+        self.last_answer = trio.current_time()
 
     def _on_prompt(self, event: Prompt) -> None:
         if self._pending is not None:
@@ -284,6 +293,7 @@ class Modem:
 
     def _on_ready(self, event: Ready) -> None:
         self.stats.reboots_seen += 1
+        self.restarted.set()
         log.warning("modem restarted (RDY)")
         self._fail_pending(ModemRebooted("modem restarted (RDY)"))
         for handler in self._routes.get(Ready, ()):
@@ -313,6 +323,6 @@ class Modem:
         self._fail_pending(error)
 
 
-def with_timeout(cmd: Command, seconds: float) -> Command:
-    """The same command with another response limit (a quick probe, a longer QICLOSE)."""
-    return replace(cmd, timeout=seconds)
+def with_timeout(cmd: Command, seconds: float, *, hang_signal: bool = False) -> Command:
+    """The same command with another response limit (a boot probe that may go unanswered)."""
+    return replace(cmd, timeout=seconds, hang_signal=hang_signal)

@@ -225,6 +225,20 @@ class SocketPool:
                 result.append(ErrorCode.CONNECTION_CLOSED)
                 done.set()
 
+    async def reclaim(self, reason: str, *, modem_lost_sockets: bool) -> None:
+        """Fail every flow now and free every connectID, whatever their owners do next.
+
+        QICLOSE each one unless the modem already lost them (a reboot). Used when the context
+        drops or the modem restarts: the ids must be free before the context comes back.
+        """
+        self.fail_all(reason, modem_lost_sockets=modem_lost_sockets)
+        with trio.CancelScope(shield=True):
+            for slot in self._slots:
+                sock = slot.socket
+                if slot.state is SlotState.OPEN and sock is not None:
+                    sock._detach()
+                    await self._close_slot(slot, reason=reason, skip_command=modem_lost_sockets)
+
     async def _close_slot(self, slot: _Slot, *, reason: str, skip_command: bool = False) -> None:
         """QICLOSE (bounded by the manual's 10 s) then free the id, whatever happens."""
         slot.opened = None
@@ -275,7 +289,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
 
     def __init__(self, pool: SocketPool, slot: _Slot, peer: str) -> None:
         self._pool = pool
-        self._slot = slot
+        self._slot: _Slot | None = slot
         self.connect_id = slot.connect_id
         self.peer = peer
         self._rx: deque[bytes] = deque()
@@ -327,6 +341,10 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._failure = reason
             self._modem_lost = closed_by_modem
             self._wake()
+
+    def _detach(self) -> None:
+        """The pool took the connectID back (reclaim): closing this stream frees nothing."""
+        self._slot = None
 
     def _end_linger(self) -> None:
         if self._write_closed and not self._eof:
@@ -550,6 +568,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self._wake()
         self._pool._switch_requests.discard(self)
         slot = self._slot
-        with trio.CancelScope(shield=True):
-            await self._pool._close_slot(slot, reason="closed", skip_command=self._modem_lost)
+        if slot is not None:
+            self._slot = None
+            with trio.CancelScope(shield=True):
+                await self._pool._close_slot(slot, reason="closed", skip_command=self._modem_lost)
         await trio.lowlevel.checkpoint()

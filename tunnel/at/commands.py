@@ -36,6 +36,8 @@ class Command:
     tcpip: bool = False
     # What logs show: secrets masked.
     shown: str = ""
+    # A timeout means the modem is hung (manual 1.1); False for boot-time probes.
+    hang_signal: bool = True
 
     def __str__(self) -> str:
         return self.shown or self.line.decode("ascii")

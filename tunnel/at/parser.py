@@ -278,7 +278,7 @@ class ATParser:
             self._final()
             detail = line[11:].strip().decode("ascii", "replace")
             if detail.isdigit():
-                return FinalError(int(detail), detail)
+                return FinalError(int(detail))
             # AT+CMEE=2 words it: map the manual's descriptions back to their codes.
             return FinalError(_CODES_BY_TEXT.get(detail.lower()), detail)
         if line.startswith(b"+QIOPEN: "):

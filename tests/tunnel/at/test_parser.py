@@ -119,7 +119,7 @@ def test_qiopen_ok_then_urc() -> None:
 
 def test_qiopen_failure_urc_and_cme_error_forms() -> None:
     data = b"\r\nOK\r\n\r\n+QIOPEN: 3,565\r\n\r\n+CME ERROR: 562\r\n\r\nERROR\r\n"
-    assert run([data]) == [FinalOK(), OpenResult(3, 565), FinalError(562, "562"), FinalError()]
+    assert run([data]) == [FinalOK(), OpenResult(3, 565), FinalError(562), FinalError()]
     text = b"\r\n+CME ERROR: SIM not inserted\r\n"
     assert run([text]) == [FinalError(None, "SIM not inserted")]
 
