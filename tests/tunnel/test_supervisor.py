@@ -55,6 +55,7 @@ class BrokenNetworkModem:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery
         self.reboots: list[float] = []
+        self.seven_reboots = trio.Event()
         self.qiact_attempts = 0
 
     async def connect(self, device: str) -> trio.abc.Stream:
@@ -77,6 +78,8 @@ class BrokenNetworkModem:
         ok = b"\r\nOK\r\n"
         if line == b"AT+CFUN=1,1":
             self.reboots.append(trio.current_time())
+            if len(self.reboots) == 7:
+                self.seven_reboots.set()
             return ok + b"\r\nRDY\r\n"
         if line == b"AT+CPIN?":
             return b"\r\n+CPIN: READY\r\n" + ok
@@ -98,8 +101,7 @@ async def test_daemon_follows_the_schedule_when_the_context_never_comes_up(
         fake = BrokenNetworkModem(nursery)
         daemon._open_port = fake.connect  # type: ignore[method-assign]
         nursery.start_soon(daemon.run)
-        while len(fake.reboots) < 7:
-            await trio.sleep(60)
+        await fake.seven_reboots.wait()
         daemon.stop()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
