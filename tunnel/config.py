@@ -46,6 +46,7 @@ class Settings:
     reset_command: str = ""
     probe_interval: float = 30.0
     probe_timeout: float = 60.0
+    reboot_wait: float = 30.0
 
     @property
     def auth_method(self) -> Auth:
@@ -204,6 +205,7 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "reset_command": _str,
     "probe_interval": _positive,
     "probe_timeout": _positive,
+    "reboot_wait": _positive,
 }
 
 

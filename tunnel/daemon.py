@@ -37,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BAUD = 115200
 PORT_POLL = 1.0  # seconds between looks for a vanished device path
-REBOOT_SIGN_WAIT = 30.0  # how long a reboot may take to show (RDY or the port going away)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +59,14 @@ class End(enum.Enum):
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, emulator: object | None = None) -> None:
+        """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults)."""
         self.settings = settings
         self.dialer = ModemDialer(connect_wait=settings.connect_wait)
         self.supervisor = Supervisor()
         self.modem: Modem | None = None
         self.pool: SocketPool | None = None
-        self.emulator: object | None = None
+        self.emulator: object | None = emulator
         self.ip = ""
         self.problem = ""  # a condition that needs a human (SIM)
         self.sessions = 0
@@ -93,7 +93,8 @@ class Daemon:
             if s.emulate:
                 from .emulator import Emulator, serve_pty
 
-                emulator = Emulator(baud=s.baud)
+                emulator = self.emulator or Emulator(baud=s.baud)
+                assert isinstance(emulator, Emulator)
                 self.emulator = emulator
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
@@ -252,6 +253,10 @@ class Daemon:
                 log.warning("probe failed reason=%s", exc)
                 await trio.sleep(s.probe_interval)
                 continue
+            except ModemError as exc:
+                # Timed out (modem.unresponsive is set) or the port went: _watch takes it.
+                log.warning("probe unanswered reason=%s", exc)
+                return
             state = states.get(s.context)
             if state is None or not state.active:
                 log.warning("context found inactive by probe ctx=%d", s.context)
@@ -286,10 +291,10 @@ class Daemon:
         sdnotify.notify(f"STATUS=restarting the modem: {reason}")
         if modem.alive:
             try:
-                await modem.command(with_timeout(at.cfun_reboot(), 15))
+                await modem.command(with_timeout(at.cfun_reboot(), self.settings.reboot_wait))
             except ModemError as exc:
                 log.warning("AT+CFUN=1,1 not acknowledged reason=%s", exc)
-        with trio.move_on_after(REBOOT_SIGN_WAIT):
+        with trio.move_on_after(self.settings.reboot_wait):
             await first_of(modem.restarted, modem.closed)
         if modem.restarted.is_set() or modem.closed.is_set():
             return

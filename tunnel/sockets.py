@@ -28,7 +28,7 @@ from .modem import Modem
 log = logging.getLogger(__name__)
 
 RX_HIGH_WATER: Final = 128 * 1024
-SEND_FAIL_BACKOFF: Final = (0.05, 1.0)  # first and longest pause between SEND FAIL retries
+SEND_FAIL_BACKOFF: Final = (0.05, 0.5)  # first and longest pause between SEND FAIL retries
 SEND_FAIL_LIMIT: Final = 60.0  # a send buffer full this long means the flow is dead
 # Half-close emulation (the UC20 has no TCP shutdown): after send_eof, wait this long for the
 # modem to report every byte acked, then keep receiving until the peer has been quiet this long.
@@ -85,6 +85,8 @@ class SocketPool:
         # Least recently freed first: a late URC for an old flow never meets a new one.
         self._free: deque[_Slot] = deque(self._slots)
         self._waiting = trio.lowlevel.ParkingLot()
+        self._all_free = trio.Event()
+        self._all_free.set()
         self._switch_requests: set[ModemSocket] = set()
         self._switch_wakeup = trio.Event()
         self.opened_total = 0
@@ -122,6 +124,8 @@ class SocketPool:
             await self._waiting.park()
         slot = self._free.popleft()
         slot.move(SlotState.OPENING)
+        if self._all_free.is_set():
+            self._all_free = trio.Event()
         return slot
 
     def unreserve(self, slot: "_Slot") -> None:
@@ -259,12 +263,18 @@ class SocketPool:
         slot.move(SlotState.FREE)
         self._free.append(slot)
         self._waiting.unpark()
+        if len(self._free) == len(self._slots):
+            self._all_free.set()
 
     async def _close_all(self) -> None:
         with trio.CancelScope(shield=True):
             for slot in self._slots:
                 if slot.socket is not None:
                     await slot.socket.aclose()
+
+    async def wait_idle(self) -> None:
+        """Until every connectID is free."""
+        await self._all_free.wait()
 
     def in_use(self) -> list[int]:
         return [s.connect_id for s in self._slots if s.state is not SlotState.FREE]

@@ -1,0 +1,58 @@
+"""Test harness: a daemon on the in-process emulator, SOCKS5 on an ephemeral loopback port."""
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from tunnel.config import Settings
+from tunnel.daemon import Daemon, Serving
+from tunnel.emulator import Emulator
+
+
+@dataclass
+class Tunnel:
+    daemon: Daemon
+    serving: Serving
+
+    @property
+    def socks_port(self) -> int:
+        return self.serving.socks[0][1]
+
+    @property
+    def emulator(self) -> Emulator:
+        emulator = self.daemon.emulator
+        assert isinstance(emulator, Emulator)
+        return emulator
+
+
+@contextlib.asynccontextmanager
+async def start_tunnel(
+    nursery: trio.Nursery, emulator: Emulator | None = None, **overrides: Any
+) -> AsyncIterator[Tunnel]:
+    """A daemon (settings `overrides`) on the emulator, stopped gracefully on exit."""
+    values: dict[str, Any] = {
+        "emulate": True,
+        "apn": "internet",
+        "socks": (("127.0.0.1", 0),),
+        "registration_timeout": 30,
+    }
+    values.update(overrides)
+    daemon = Daemon(Settings(**values), emulator=emulator)
+    finished = trio.Event()
+
+    async def run(*, task_status: trio.TaskStatus[Serving]) -> None:
+        try:
+            await daemon.run(task_status=task_status)
+        finally:
+            finished.set()
+
+    with trio.fail_after(30):
+        serving = await nursery.start(run)
+    yield Tunnel(daemon, serving)
+    # A graceful stop: flows closed and the context deactivated before the emulator goes.
+    daemon.stop()
+    with trio.fail_after(30):
+        await finished.wait()

@@ -1,0 +1,259 @@
+"""Recovery and backpressure against the emulator's fault hooks: nothing lost, nothing hangs.
+
+Every wait is on an event (a byte count reached, a command seen by the emulator, a boot); no
+test sleeps to let things settle.
+"""
+
+import hashlib
+import os
+import random
+
+import pytest
+import trio
+
+from tests.e2e.harness import start_tunnel
+from tests.helpers import echo_handler, http_handler, receive_exactly, serve_tcp, socks_connect
+from tunnel.emulator import Emulator, serve_pty
+
+MiB = 1024 * 1024
+SUCCEEDED = 0
+
+
+def blob(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+async def http_get(socks_port: int, http_port: int, path: str) -> tuple[trio.SocketStream, bytes]:
+    """GET through the proxy; returns the stream positioned in the body and the body's start."""
+    stream, reply = await socks_connect(socks_port, "files.test", http_port)
+    assert reply == SUCCEEDED
+    await stream.send_all(f"GET /{path} HTTP/1.1\r\nHost: files.test\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await stream.receive_some(65536)
+        assert chunk
+        head += chunk
+    _, _, body = head.partition(b"\r\n\r\n")
+    return stream, body
+
+
+async def read_until(stream: trio.SocketStream, have: bytes, size: int) -> bytes:
+    parts = [have]
+    got = len(have)
+    while got < size:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+async def test_pdpdeact_mid_transfer_resets_client_then_context_comes_back(nursery) -> None:
+    big = blob(20 * MiB, 1)
+    http_port = await nursery.start(serve_tcp, http_handler({"big": big, "small": b"ok" * 500}))
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, body = await http_get(t.socks_port, http_port, "big")
+            body = await read_until(stream, body, MiB)
+            t.emulator.faults.pdpdeact(1)
+            # The client must see the flow fail, never a clean EOF that looks complete.
+            with pytest.raises(trio.BrokenResourceError):
+                await read_until(stream, body, len(big))
+            await stream.aclose()
+            # The daemon closed the ids, deactivated and reactivated (2.16.5).
+            await t.emulator.wait_command("AT+QIDEACT=1")
+            stream, body = await http_get(t.socks_port, http_port, "small")
+            assert await read_until(stream, body, 1000) == b"ok" * 500
+            await stream.aclose()
+        assert t.daemon.supervisor.failures == 0  # recovered in place, no reboot
+
+
+async def test_hang_reboots_and_serves_again(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery, probe_interval=0.2, probe_timeout=1.0) as t:
+        with trio.fail_after(60):
+            t.emulator.faults.hang(cfun_recovers=True)
+            await t.emulator.wait_command("AT+CFUN=1,1")
+            await t.emulator.wait_booted(2)
+            await t.emulator.wait_command("ATE0", count=2)
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await stream.send_all(b"alive")
+            assert await receive_exactly(stream, 5) == b"alive"
+            await stream.aclose()
+        assert t.daemon.supervisor.history[-1].reason.startswith("modem stopped answering")
+
+
+async def test_dead_modem_gets_the_reset_command(nursery, tmp_path) -> None:
+    fifo = tmp_path / "reset"
+    os.mkfifo(fifo)
+    emulator = Emulator()
+    async with start_tunnel(
+        nursery,
+        emulator,
+        probe_interval=0.2,
+        probe_timeout=1.0,
+        reboot_wait=1.0,
+        reset_command=f"sh -c 'echo power-cycle > {fifo}'",
+    ) as t:
+        with trio.fail_after(60):
+            t.emulator.faults.hang(cfun_recovers=False)  # not even CFUN=1,1 gets through
+            async with await trio.open_file(fifo) as f:
+                assert (await f.read()).strip() == "power-cycle"
+            t.emulator.faults.power_cycle()
+            await t.emulator.wait_booted(2)
+            await t.emulator.wait_command("AT+QIACT=1", count=2)
+
+
+async def test_modem_initiated_rdy_fails_flows_and_reinitialises(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await stream.send_all(b"x")
+            assert await receive_exactly(stream, 1) == b"x"
+            t.emulator.faults.reboot()
+            with pytest.raises(trio.BrokenResourceError):
+                while await stream.receive_some(10):
+                    pass
+            await t.emulator.wait_command("ATE0", count=2)  # echo is back on after RDY
+            stream2, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await stream2.send_all(b"again")
+            assert await receive_exactly(stream2, 5) == b"again"
+            await stream2.aclose()
+            await stream.aclose()
+
+
+async def test_garbage_between_urcs_loses_no_byte(nursery) -> None:
+    data = blob(2 * MiB, 2)
+    http_port = await nursery.start(serve_tcp, http_handler({"d": data}))
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, body = await http_get(t.socks_port, http_port, "d")
+            parts = [body]
+            got = len(body)
+            next_junk = 0
+            while got < len(data):
+                if got >= next_junk:
+                    t.emulator.faults.garbage(b"\r\n\xff\x00 #junk# OK\r\n")
+                    next_junk += 100_000
+                chunk = await stream.receive_some(65536)
+                assert chunk
+                parts.append(chunk)
+                got += len(chunk)
+            await stream.aclose()
+    assert b"".join(parts) == data
+    assert t.daemon.modem is not None
+    assert t.daemon.modem.stats.garbage_lines >= 10
+
+
+async def test_send_fail_storm_loses_and_duplicates_nothing(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    payload = blob(300 * 1024, 3)
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            t.emulator.faults.send_fail(12)
+            async with trio.open_nursery() as n:
+                n.start_soon(stream.send_all, payload)
+                echoed = await receive_exactly(stream, len(payload))
+            await stream.aclose()
+    assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+    assert t.emulator.faults.send_fail_left == 0
+
+
+async def test_stalled_reader_is_bounded_and_does_not_slow_others(nursery) -> None:
+    stalled_data = blob(20 * MiB, 4)
+    other = blob(5 * MiB, 5)
+    http_port = await nursery.start(serve_tcp, http_handler({"stall": stalled_data, "o": other}))
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(120):
+            slow, slow_body = await http_get(t.socks_port, http_port, "stall")
+            slow_body = await read_until(slow, slow_body, 256 * 1024)
+            # The slow client stops reading; the modem must be told to hold the data.
+            await t.emulator.wait_command("AT+QISWTMD=")
+            fast, body = await http_get(t.socks_port, http_port, "o")
+            assert await read_until(fast, body, len(other)) == other
+            await fast.aclose()
+            pool = t.daemon.pool
+            assert pool is not None
+            held = sum(s.socket._rx_len for s in pool._slots if s.socket is not None)
+            assert held < 1 * MiB, f"daemon buffers {held} bytes for a stalled client"
+            # The client wakes up: every byte arrives, in order, through QIRD and back to push.
+            rest = await read_until(slow, slow_body, len(stalled_data))
+            await slow.aclose()
+    assert rest == stalled_data
+    commands = t.emulator.stats.commands
+    assert any(c.startswith("AT+QIRD=") for c in commands)
+    assert any(c.startswith("AT+QISWTMD=") and c.endswith(",1") for c in commands)
+
+
+async def test_port_vanishing_and_returning(nursery, tmp_path) -> None:
+    """A rebooting USB modem takes its tty away for a while: reopen the path when it is back."""
+    link = str(tmp_path / "uc20-at")
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulator = Emulator()
+    port_scope = trio.CancelScope()
+
+    async def port(*, task_status: trio.TaskStatus[str]) -> None:
+        with port_scope:
+            await serve_pty(emulator, link, task_status=task_status)
+
+    await nursery.start(port)
+    async with start_tunnel(nursery, emulate=False, device=link) as t:
+        with trio.fail_after(60):
+            first_modem = t.daemon.modem
+            assert first_modem is not None
+            port_scope.cancel()  # the tty disappears
+            await first_modem.closed.wait()
+            port_scope = trio.CancelScope()
+            await nursery.start(port)  # ... and comes back, same path, new pty
+            await emulator.wait_command("ATE0", count=2)
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await stream.send_all(b"back")
+            assert await receive_exactly(stream, 4) == b"back"
+            await stream.aclose()
+
+
+def task_count() -> int:
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for n in task.child_nurseries for child in n.child_tasks)
+
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
+
+
+async def test_ten_thousand_short_flows_leak_nothing(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(600):
+
+            async def one_flow(i: int) -> None:
+                stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+                assert reply == SUCCEEDED
+                msg = b"%d" % i
+                await stream.send_all(msg)
+                assert await receive_exactly(stream, len(msg)) == msg
+                await stream.aclose()
+
+            for i in range(100):  # warm up: lazily created tasks and fds exist from here on
+                await one_flow(i)
+            await trio.testing.wait_all_tasks_blocked()
+            fds, tasks = len(os.listdir("/proc/self/fd")), task_count()
+            for i in range(10_000):
+                await one_flow(i)
+            pool = t.daemon.pool
+            assert pool is not None
+            # Closing is asynchronous on the proxy side: wait until every id is back.
+            await t.emulator.wait_command("AT+QICLOSE", count=10_100)
+            await pool.wait_idle()
+            assert t.emulator.socket_ids_in_use() == []
+            assert pool.opened_total == 10_100
+            assert len(os.listdir("/proc/self/fd")) <= fds
+            assert task_count() <= tasks
