@@ -27,9 +27,14 @@ MIN_THROTTLED_HIGH_WATER: Final = 4096
 # Unthrottled writes coalesce queued frames up to this size into one send_all.
 MAX_WRITE: Final = 256 * 1024
 MAX_READ: Final = 65536
-# Paced input: a chunk read this soon after the previous one finished arriving counts as
-# back-to-back on the line (see `SerialLine.receive`). Bounds how early a byte can be seen.
-INPUT_SLACK: Final = 0.002
+# A chunk read (or queued for output) this soon after the previous one finished counts as
+# back-to-back on the line (see `SerialLine.receive`, `run_writer`): timer wake-up latency must
+# not stretch a continuous stream. Bounds how early a byte can be seen.
+INPUT_SLACK: Final = 0.001
+# trio's timers wake ~0.6 ms late on average (epoll rounds its timeout up to whole ms). Aiming
+# that much early centres the error on zero; the virtual clocks stay exact, so the long-run rate
+# is unchanged and only the per-turnaround bias goes away.
+TIMER_LATENCY: Final = 0.0006
 
 
 def frame(line: str | bytes) -> bytes:
@@ -49,6 +54,7 @@ class SerialLine:
         self.rate: float | None = baud / 10.0 if baud else None
         self._frames: deque[bytes] = deque()
         self._pending = 0  # queued bytes plus the chunk being written
+        self._in_flight = 0  # the chunk being written: no longer holds back the push readers
         self._has_data = trio.Event()
         self._room = trio.Event()
         self._room.set()
@@ -86,12 +92,12 @@ class SerialLine:
         self._has_data.set()
         if self._drained.is_set():
             self._drained = trio.Event()
-        if self._pending >= self.high_water and self._room.is_set():
+        if self._pending - self._in_flight >= self.high_water and self._room.is_set():
             self._room = trio.Event()
 
     async def wait_room(self) -> None:
         """Wait until the output is below the high-water mark (push backpressure)."""
-        while self._muted or self._pending >= self.high_water:
+        while self._muted or self._pending - self._in_flight >= self.high_water:
             await self._room.wait()
 
     async def wait_drained(self) -> None:
@@ -120,7 +126,7 @@ class SerialLine:
             self._wake()
 
     def _wake(self) -> None:
-        if self._pending < self.high_water and not self._muted:
+        if self._pending - self._in_flight < self.high_water and not self._muted:
             self._room.set()
         if not self._pending:
             self._drained.set()
@@ -156,13 +162,23 @@ class SerialLine:
             data = self._take(self._chunk)
             epoch = self._epoch
             if self.rate is not None:
+                # The chunk is on the wire: let push readers refill the queue meanwhile, or the
+                # line idles between chunks.
+                self._in_flight = len(data)
+                self._wake()
                 # Exact virtual clock: this chunk starts when the line is free (or now, if it has
-                # been idle) and occupies it for n/rate seconds; no accumulated drift.
-                start = max(self._next_free, trio.current_time())
+                # been idle) and occupies it for n/rate seconds; no accumulated drift. It is
+                # handed over when its last byte would have arrived, as a UART delivers it: a
+                # host reacting to a prompt or a result cannot start before it has all of it.
+                now = trio.current_time()
+                # Back-to-back with the previous chunk unless the line really went idle: a late
+                # wake-up must not stretch the line time of a continuous stream.
+                start = self._next_free if now - self._next_free <= INPUT_SLACK else now
                 self._next_free = start + len(data) / self.rate
-                await trio.sleep_until(start)
+                await trio.sleep_until(self._next_free - TIMER_LATENCY)
             await self._stream.send_all(data)
             self.bytes_out += len(data)
+            self._in_flight = 0
             if epoch == self._epoch:  # else the count was reset while this chunk was out
                 self._pending -= len(data)
             self._wake()
@@ -182,6 +198,6 @@ class SerialLine:
             now = trio.current_time()
             start = self._in_time if now - self._in_time <= INPUT_SLACK else now
             self._in_time = start + len(data) / self.rate
-            await trio.sleep_until(self._in_time)
+            await trio.sleep_until(self._in_time - TIMER_LATENCY)
         self.bytes_in += len(data)
         return bytes(data)
