@@ -179,6 +179,10 @@ class Modem:
     async def _exchange(self, cmd: Command, data: bytes | None = None) -> _Pending:
         if self._gone is not None:
             raise self._gone
+        if cmd.hang_signal and self.unresponsive.is_set():
+            # Known hung: fail at once instead of another full timeout; only the supervisor's
+            # own commands (reboot, probes: hang_signal=False) still go to the modem.
+            raise CommandTimeout(cmd.name, 0)
         pending = _Pending(cmd)
         self._pending = pending
         self._parser.command_sent(cmd.expect)

@@ -267,10 +267,8 @@ class SocketPool:
             self._all_free.set()
 
     async def _close_all(self) -> None:
-        with trio.CancelScope(shield=True):
-            for slot in self._slots:
-                if slot.socket is not None:
-                    await slot.socket.aclose()
+        # Owners may still be reading: they see their flow fail, not a "you closed it" error.
+        await self.reclaim("daemon stopping", modem_lost_sockets=not self.modem.alive)
 
     async def wait_idle(self) -> None:
         """Until every connectID is free."""

@@ -15,7 +15,7 @@ from tunnel.at.errors import (
     SendBufferFull,
 )
 from tunnel.at.events import OpenResult, Recv
-from tunnel.modem import Modem
+from tunnel.modem import Modem, with_timeout
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
 
@@ -102,9 +102,11 @@ async def test_cme_error_carries_its_code(pair) -> None:
 
 async def test_timeout_then_late_ok_does_not_answer_the_next_command(pair, autojump_clock) -> None:
     modem, peer = pair
+    quiet = with_timeout(at.qiclose(0), 10)  # a timeout that does not mean "hung"
     with pytest.raises(CommandTimeout):
-        await modem.command(at.qiclose(0))  # nobody answers: 10 s (2.5), virtual time
+        await modem.command(quiet)  # nobody answers: 10 s, virtual time
     assert modem.stats.timeouts == 1
+    assert not modem.unresponsive.is_set()
     await peer.expect(b"AT+QICLOSE=0\r")
     async with trio.open_nursery() as nursery:
 
@@ -238,3 +240,14 @@ async def test_commands_never_overlap(pair) -> None:
 async def _csq(modem: Modem, results: list[int], i: int) -> None:
     await modem.command(at.csq())
     results.append(i)
+
+
+async def test_a_hung_modem_fails_further_commands_at_once(pair, autojump_clock) -> None:
+    modem, peer = pair
+    with pytest.raises(CommandTimeout):
+        await modem.command(at.qiclose(0))  # the manual's 10 s limit (2.5)
+    assert modem.unresponsive.is_set()
+    start = trio.current_time()
+    with pytest.raises(CommandTimeout):
+        await modem.command(at.csq())
+    assert trio.current_time() == start  # no second wait for a modem known to be hung

@@ -1,0 +1,95 @@
+"""Recovery times on the emulator: network drop (pdpdeact) and hung modem, to serving again.
+
+    .venv/bin/python bench/recovery.py [--rounds 5] [--probe-interval 2] [--probe-timeout 5]
+
+"Serving again" = a SOCKS5 CONNECT through the daemon succeeds and echoes a byte. A hang is
+noticed by the idle probe (AT+QIACT?), so its time includes probe_interval + probe_timeout (the
+manual's 60 s by default; shortened here and printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import echo_handler, receive_exactly, serve_tcp, socks_connect  # noqa: E402
+from tunnel.config import Settings  # noqa: E402
+from tunnel.daemon import Daemon  # noqa: E402
+from tunnel.emulator import Emulator  # noqa: E402
+
+
+async def serving_again(socks_port: int, echo_port: int) -> None:
+    while True:
+        stream, reply = await socks_connect(socks_port, "127.0.0.1", echo_port)
+        async with stream:
+            if reply == 0:
+                await stream.send_all(b"!")
+                await receive_exactly(stream, 1)
+                return
+
+
+async def run(rounds: int, probe_interval: float, probe_timeout: float) -> None:
+    async with trio.open_nursery() as nursery:
+        echo_port = await nursery.start(serve_tcp, echo_handler)
+        emulator = Emulator()
+        settings = Settings(
+            emulate=True,
+            socks=(("127.0.0.1", 0),),
+            probe_interval=probe_interval,
+            probe_timeout=probe_timeout,
+            connect_wait=30,
+        )
+        daemon = Daemon(settings, emulator=emulator)
+        serving = await nursery.start(daemon.run)
+        port = serving.socks[0][1]
+        await serving_again(port, echo_port)
+
+        drops = []
+        for i in range(rounds):
+            t0 = trio.current_time()
+            emulator.faults.pdpdeact(1)
+            await emulator.wait_command("AT+QIDEACT=1", count=i + 1)
+            await serving_again(port, echo_port)
+            drops.append(trio.current_time() - t0)
+
+        hangs = []
+        for i in range(rounds):
+            # Only the idle probe may notice: let the last test flow finish closing first.
+            assert daemon.pool is not None
+            await daemon.pool.wait_idle()
+            t0 = trio.current_time()
+            emulator.faults.hang(cfun_recovers=True)
+            await emulator.wait_command("AT+CFUN=1,1", count=i + 1)
+            await serving_again(port, echo_port)
+            hangs.append(trio.current_time() - t0)
+        nursery.cancel_scope.cancel()
+
+    def fmt(xs: list[float]) -> str:
+        return f"median {statistics.median(xs):.3f} s, max {max(xs):.3f} s over {len(xs)}"
+
+    print(f"pdpdeact -> serving again: {fmt(drops)}")
+    print(
+        f"hang -> serving again (probe_interval={probe_interval:g} s, "
+        f"probe_timeout={probe_timeout:g} s): {fmt(hangs)}"
+    )
+    rest = statistics.median(hangs) - probe_interval - probe_timeout
+    print(f"hang, minus detection (probe interval + timeout): median {rest:.3f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--probe-interval", type=float, default=2.0)
+    ap.add_argument("--probe-timeout", type=float, default=5.0)
+    args = ap.parse_args()
+    trio.run(run, args.rounds, args.probe_interval, args.probe_timeout)
+
+
+if __name__ == "__main__":
+    main()
