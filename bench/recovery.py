@@ -18,10 +18,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers import echo_handler, receive_exactly, serve_tcp, socks_connect  # noqa: E402
-from tunnel.config import Settings  # noqa: E402
-from tunnel.daemon import Daemon  # noqa: E402
-from tunnel.emulator import Emulator  # noqa: E402
+from tests.helpers import echo_handler, receive_exactly, serve_tcp, socks_connect
+from tunnel.config import Settings
+from tunnel.daemon import Daemon
+from tunnel.emulator import Emulator
 
 
 async def serving_again(socks_port: int, echo_port: int) -> None:

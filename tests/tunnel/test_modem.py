@@ -243,7 +243,7 @@ async def _csq(modem: Modem, results: list[int], i: int) -> None:
 
 
 async def test_a_hung_modem_fails_further_commands_at_once(pair, autojump_clock) -> None:
-    modem, peer = pair
+    modem, _peer = pair
     with pytest.raises(CommandTimeout):
         await modem.command(at.qiclose(0))  # the manual's 10 s limit (2.5)
     assert modem.unresponsive.is_set()
