@@ -485,7 +485,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is sending on this socket")
         self._sending = True
         try:
-            await trio.lowlevel.checkpoint()
+            if not data:
+                await trio.lowlevel.checkpoint()  # else the modem command is our checkpoint
             if self._closed or self._write_closed:
                 raise trio.ClosedResourceError("socket was closed for sending")
             view = memoryview(data)

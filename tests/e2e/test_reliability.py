@@ -256,3 +256,51 @@ async def test_ten_thousand_short_flows_leak_nothing(nursery) -> None:
             assert pool.opened_total == 10_100
             assert len(os.listdir("/proc/self/fd")) <= fds
             assert task_count() <= tasks
+
+
+async def test_requests_during_a_long_recovery_get_network_unreachable(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery, connect_wait=0.5) as t:
+        with trio.fail_after(60):
+            t.emulator.faults.qiact_fail(1000)  # the network refuses the context for now
+            t.emulator.faults.pdpdeact(1)
+            await t.emulator.wait_command("AT+QIACT=1", count=2)
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            await stream.aclose()
+            assert reply == 0x03  # network unreachable, promptly: never a hang
+            t.emulator.faults.qiact_fail(0)
+            while True:  # recovery retries with backoff; each request waits connect_wait
+                stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+                await stream.aclose()
+                if reply == SUCCEEDED:
+                    break
+                assert reply == 0x03
+
+
+async def test_client_half_close_reaches_the_server_after_all_bytes_are_acked(nursery) -> None:
+    """The UC20 cannot shut down one direction: after the acks, AT+QICLOSE carries the FIN."""
+    server_saw_eof = trio.Event()
+    payload = blob(100 * 1024, 6)
+
+    async def reply_after_eof(stream: trio.SocketStream) -> None:
+        async with stream:
+            got = b""
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+                if len(got) == len(payload):
+                    await stream.send_all(b"early reply")  # answers before seeing EOF
+            server_saw_eof.set()
+            assert got == payload
+
+    port = await nursery.start(serve_tcp, reply_after_eof)
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
+            assert reply == SUCCEEDED
+            await stream.send_all(payload)
+            await stream.send_eof()
+            assert await receive_exactly(stream, 11) == b"early reply"
+            await server_saw_eof.wait()
+            assert await stream.receive_some(10) == b""
+            await stream.aclose()
+    assert any(c.startswith("AT+QISEND=") and c.endswith(",0") for c in t.emulator.stats.commands)
