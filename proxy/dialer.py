@@ -33,3 +33,25 @@ class Dialer(Protocol):
         the local end for BND.ADDR/BND.PORT in the reply. Raise trio's stream errors from it:
         BrokenResourceError when the network side fails."""
         ...
+
+
+class DatagramFlow(Protocol):
+    """A UDP socket on the far side: datagrams to and from any (IPv4 address, port)."""
+
+    async def send(self, data: bytes, remote: tuple[str, int]) -> None: ...
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UdpDialer(Dialer, Protocol):
+    """A Dialer that can also carry UDP ASSOCIATE (RFC 1928 §7)."""
+
+    async def open_udp(self) -> DatagramFlow:
+        """A new datagram flow, or DialError."""
+        ...
+
+    async def resolve_address(self, name: str) -> str:
+        """One IPv4 address for `name`, or DialError(HOST_UNREACHABLE, ...)."""
+        ...

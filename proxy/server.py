@@ -8,15 +8,16 @@ reset, not a FIN.
 
 import contextlib
 import hmac
+import ipaddress
 import logging
 import socket
 import struct
 from collections.abc import Mapping, Sequence
-from typing import Final, Literal
+from typing import Final, Literal, cast
 
 import trio
 
-from proxy.dialer import Dialer, DialError
+from proxy.dialer import Dialer, DialError, UdpDialer
 from proxy.socks5 import (
     NEED_DATA,
     Authenticate,
@@ -30,6 +31,7 @@ from proxy.socks5 import (
     Socks5Error,
     UdpAssociateRequest,
 )
+from proxy.udp import Association, open_relay
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER {l_onoff=1, l_linger
 _RFC1929_MAX: Final = 255  # ULEN and PLEN are one octet
 
 Side = Literal["client", "remote"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 async def serve_socks5(
@@ -49,6 +52,7 @@ async def serve_socks5(
     listen: Sequence[tuple[str, int]],
     *,
     users: Mapping[str, str] | None = None,
+    allow: Sequence[IPNetwork] | None = None,
     handshake_timeout: float = 30.0,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -59,7 +63,12 @@ async def serve_socks5(
     The greeting, authentication and request must complete within `handshake_timeout` seconds.
     Cancelling resets the clients of open flows (their transfers did not complete).
     """
-    server = _Server(dialer, users or {}, handshake_timeout)
+    server = _Server(dialer, users or {}, handshake_timeout, allow)
+    if not users and not all(_is_loopback(host) for host, _ in listen):
+        log.warning(
+            "socks listens beyond loopback without authentication: anyone who can reach it "
+            "uses your cellular data (set socks_users, or allow to limit client networks)"
+        )
     listeners = await _open_listeners(listen)
     bound = [_sockname(listener.socket) for listener in listeners]
     async with trio.open_nursery() as nursery:
@@ -88,8 +97,15 @@ async def _open_listeners(listen: Sequence[tuple[str, int]]) -> list[trio.Socket
 
 
 class _Server:
-    def __init__(self, dialer: Dialer, users: Mapping[str, str], handshake_timeout: float) -> None:
+    def __init__(
+        self,
+        dialer: Dialer,
+        users: Mapping[str, str],
+        handshake_timeout: float,
+        allow: Sequence[IPNetwork] | None = None,
+    ) -> None:
         self._dialer = dialer
+        self._allow = list(allow) if allow else None
         self._users = {
             _credential("username", name): _credential("password", password)
             for name, password in users.items()
@@ -129,6 +145,9 @@ class _Server:
         elif isinstance(outcome, Socks5Error):
             assert outcome.reply is not None  # _handshake returns only answerable errors
             await self._refuse(client, conn, peer, "-", outcome.reply, outcome.message)
+        elif isinstance(outcome, Request) and not self._allowed(client):
+            reason = "client address outside the allowed networks"
+            await self._refuse(client, conn, peer, _dst(outcome), ReplyCode.NOT_ALLOWED, reason)
         elif isinstance(outcome, ConnectRequest):
             await self._connect(client, conn, peer, outcome)
         elif isinstance(outcome, UdpAssociateRequest):
@@ -171,6 +190,17 @@ class _Server:
                 return event
             else:  # ClientClosed: gone before asking for anything
                 return None
+
+    def _allowed(self, client: trio.SocketStream) -> bool:
+        if self._allow is None:
+            return True
+        try:
+            address = ipaddress.ip_address(client.socket.getpeername()[0])
+        except (OSError, ValueError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._allow)
 
     def _password_ok(self, username: bytes, password: bytes) -> bool:
         # The password comparison is constant-time; the username lookup is not (names are not
@@ -263,17 +293,47 @@ class _Server:
         peer: str,
         request: UdpAssociateRequest,
     ) -> None:
-        """UDP ASSOCIATE (RFC 1928 §7): not served yet, so COMMAND_NOT_SUPPORTED.
-
-        The UDP issue hooks in here: bind a relay socket beside the listener, reply SUCCEEDED
-        with its address, relay datagrams with `socks5.parse_udp_datagram` and
-        `build_udp_datagram` through the dialer's UDP service (dropping FRAG != 0), and end the
-        association when this TCP connection closes (§6).
-        """
-        reason = "udp associate not supported yet"
-        await self._refuse(
-            client, conn, peer, _dst(request), ReplyCode.COMMAND_NOT_SUPPORTED, reason
-        )
+        """UDP ASSOCIATE (RFC 1928 §7) through the dialer's UDP flows (proxy.udp)."""
+        dst = _dst(request)
+        dialer = self._dialer
+        if not hasattr(dialer, "open_udp"):
+            reason = "this dialer carries no UDP"
+            await self._refuse(client, conn, peer, dst, ReplyCode.COMMAND_NOT_SUPPORTED, reason)
+            return
+        udp_dialer = cast(UdpDialer, dialer)
+        local_ip = _sockname(client.socket)[0]
+        client_ip = client.socket.getpeername()[0]
+        try:
+            flow = await udp_dialer.open_udp()
+        except DialError as exc:
+            await self._refuse(client, conn, peer, dst, exc.reply, exc.reason)
+            return
+        try:
+            relay = await open_relay(local_ip)
+            with relay:
+                association = Association(udp_dialer, relay, flow, client_ip, request)
+                bind_host, bind_port = _sockname(relay)
+                try:
+                    await client.send_all(conn.reply(ReplyCode.SUCCEEDED, bind_host, bind_port))
+                except trio.BrokenResourceError:
+                    return
+                log.info("udp open client=%s relay=%s", peer, _format_addr(bind_host, bind_port))
+                start = trio.current_time()
+                try:
+                    await association.run(client)
+                except trio.BrokenResourceError as exc:
+                    log.warning("udp association broken client=%s error=%r", peer, exc)
+                log.info(
+                    "udp closed client=%s up=%d down=%d dropped=%d secs=%.1f",
+                    peer,
+                    association.up,
+                    association.down,
+                    association.dropped,
+                    trio.current_time() - start,
+                )
+        finally:
+            with trio.CancelScope(shield=True):
+                await flow.aclose()
 
 
 class _Flow:
@@ -369,6 +429,15 @@ def _credential(what: str, value: str) -> bytes:
     if len(raw) > _RFC1929_MAX:
         raise ValueError(f"users: {what} longer than {_RFC1929_MAX} bytes (RFC 1929)")
     return raw
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _dst(request: Request) -> str:

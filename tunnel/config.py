@@ -38,6 +38,8 @@ class Settings:
     registration_timeout: float = 180.0
     socks: tuple[tuple[str, int], ...] = (("127.0.0.1", 1080),)
     socks_users: Mapping[str, str] = field(default_factory=dict)
+    allow: tuple[str, ...] = ()  # client networks (CIDR); empty: everyone who can connect
+    dns: tuple[str, ...] = ()  # AT+QIDNSCFG primary, secondary; empty: the network's
     connect_wait: float = 5.0
     tun: str = ""
     tun_routes: tuple[str, ...] = ()
@@ -160,6 +162,18 @@ def _routes(key: str, v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _dns(key: str, v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not 1 <= len(v) <= 2:
+        raise ConfigError(f"{key}: expected a list of one or two IPv4 addresses")
+    out = []
+    for item in v:
+        try:
+            out.append(str(ipaddress.IPv4Address(_str(key, item))))
+        except ValueError:
+            raise ConfigError(f"{key}: {item!r} is not an IPv4 address") from None
+    return tuple(out)
+
+
 def _device(key: str, v: Any) -> str:
     text = _str(key, v)
     if not text:
@@ -197,6 +211,8 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "registration_timeout": _positive,
     "socks": _socks,
     "socks_users": _users,
+    "allow": _routes,
+    "dns": _dns,
     "connect_wait": _positive,
     "tun": _tun,
     "tun_routes": _routes,

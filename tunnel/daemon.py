@@ -13,6 +13,7 @@ Stopping (SIGTERM/SIGINT via `Daemon.stop`) closes every flow, deactivates the c
 """
 
 import enum
+import ipaddress
 import logging
 import shlex
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from .config import Settings
 from .dialer import ModemDialer
 from .modem import Modem, with_timeout
 from .serialport import SerialPortError, open_port
+from .services import ModemServices
 from .sockets import SocketPool
 from .startup import SimError, start_up
 from .supervisor import Supervisor
@@ -98,9 +100,7 @@ class Daemon:
                 self.emulator = emulator
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
-            socks = await nursery.start(
-                _serve_proxy, self.dialer, list(s.socks), dict(s.socks_users)
-            )
+            socks = await nursery.start(_serve_proxy, self.dialer, s)
             await self._supervise(device, socks, task_status)
             nursery.cancel_scope.cancel()
 
@@ -186,12 +186,14 @@ class Daemon:
         with trio.CancelScope() as self._startup_scope:
             await start_up(modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout)
             self.ip = await context.activate(modem, settings)
+            await configure_dns(modem, s)
             await reconcile_sockets(modem, s.context)
         self._startup_scope = None
         if self.stopping:
             return End.STOP
         async with SocketPool.open(modem, s.context) as pool:
             self.pool = pool
+            services = ModemServices(modem, s.context)
             self.supervisor.working()
             dropped = trio.Event()
 
@@ -203,7 +205,7 @@ class Daemon:
             unroute = modem.route(PdpDeactivated, on_pdpdeact)
             try:
                 while True:
-                    self.dialer.set_pool(pool)
+                    self.dialer.set_pool(pool, services)
                     self._announce(socks, device, task_status)
                     end = await self._watch(modem, dropped)
                     self.dialer.set_pool(None)
@@ -217,6 +219,7 @@ class Daemon:
                     await pool.reclaim("network dropped the PDP context", modem_lost_sockets=False)
                     dropped = trio.Event()
                     self.ip = await context.recover(modem, settings)
+                    await configure_dns(modem, s)
                     self.supervisor.working()
             finally:
                 unroute()
@@ -321,12 +324,18 @@ class Daemon:
 
 async def _serve_proxy(
     dialer: ModemDialer,
-    listen: list[tuple[str, int]],
-    users: dict[str, str],
+    s: Settings,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_socks5(dialer, listen, users=users or None, task_status=task_status)
+    allow = [ipaddress.ip_network(cidr) for cidr in s.allow] or None
+    await serve_socks5(
+        dialer,
+        list(s.socks),
+        users=dict(s.socks_users) or None,
+        allow=allow,
+        task_status=task_status,
+    )
 
 
 async def first_of(*events: trio.Event) -> None:
@@ -339,6 +348,13 @@ async def first_of(*events: trio.Event) -> None:
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
+
+
+async def configure_dns(modem: Modem, s: Settings) -> None:
+    """AT+QIDNSCFG (2.12) when DNS servers are configured; else the network's stay."""
+    if s.dns:
+        await modem.command(at.qidnscfg(s.context, *s.dns))
+        log.info("dns servers set ctx=%d servers=%s", s.context, ",".join(s.dns))
 
 
 async def reconcile_sockets(modem: Modem, context_id: int) -> None:

@@ -11,7 +11,11 @@ import trio
 from proxy import DialError, ReplyCode
 
 from .at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
-from .sockets import ModemSocket, SocketPool
+from .dns import Resolver
+from .services import ModemServices, PingReport
+from .sockets import ModemSocket, Slot, SocketPool
+from .udp import ModemUdpFlow, open_udp
+from .uplink import DnsAnswer, PingReply, ResolveError
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +50,32 @@ def reply_for(exc: BaseException) -> ReplyCode:
 
 
 class ModemDialer:
-    """Satisfies proxy.Dialer. Without a pool (network down) a request waits `connect_wait`
-    for the network to come back, then gets NETWORK_UNREACHABLE: it never hangs."""
+    """The modem as the fronts see it (proxy.Dialer, proxy.UdpDialer, tunnel.uplink.Uplink).
+
+    Without a pool (network down) a request waits `connect_wait` for the network to come
+    back, then fails (NETWORK_UNREACHABLE): it never hangs.
+    """
 
     def __init__(self, pool: SocketPool | None = None, *, connect_wait: float = 5.0) -> None:
         self.pool: SocketPool | None = None
+        self.services: ModemServices | None = None
+        self.resolver = Resolver()
         self._available = trio.Event()
         self.connect_wait = connect_wait
         self.set_pool(pool)
 
-    def set_pool(self, pool: SocketPool | None) -> None:
+    def set_pool(self, pool: SocketPool | None, services: ModemServices | None = None) -> None:
         self.pool = pool
+        self.services = services
         if pool is not None:
+            self.resolver.attach(pool.modem, pool.context_id)
             self._available.set()
-        elif self._available.is_set():
-            self._available = trio.Event()
+        else:
+            self.resolver.attach(None)
+            if self._available.is_set():
+                self._available = trio.Event()
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def _reserve(self) -> tuple[SocketPool, Slot]:
         pool: SocketPool | None = None
         with trio.move_on_after(self.connect_wait) as waited:
             await self._available.wait()
@@ -80,9 +93,48 @@ class ModemDialer:
             # The network went down while we waited for a connectID.
             pool.unreserve(slot)
             raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+        return pool, slot
+
+    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        pool, slot = await self._reserve()
         try:
             sock: ModemSocket = await pool.open_tcp(host, port, slot)
         except (ModemError, ValueError, trio.TooSlowError) as exc:
-            reply = reply_for(exc)
-            raise DialError(reply, f"{type(exc).__name__}: {exc}") from exc
+            raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
         return sock
+
+    async def open_udp(self) -> ModemUdpFlow:
+        pool, slot = await self._reserve()
+        try:
+            return await open_udp(pool, slot)
+        except (ModemError, trio.TooSlowError) as exc:
+            raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
+
+    async def resolve(self, name: str) -> DnsAnswer:
+        with trio.move_on_after(self.connect_wait):
+            await self._available.wait()
+        return await self.resolver.resolve(name)
+
+    async def resolve_address(self, name: str) -> str:
+        try:
+            return (await self.resolve(name)).addresses[0]
+        except ResolveError as exc:
+            reply = ReplyCode.HOST_UNREACHABLE if exc.not_found else ReplyCode.GENERAL_FAILURE
+            raise DialError(reply, str(exc)) from None
+
+    async def _services(self) -> ModemServices:
+        with trio.move_on_after(self.connect_wait):
+            await self._available.wait()
+        services = self.services
+        if services is None:
+            raise ModemGone("cellular network down")
+        return services
+
+    async def ping_report(self, host: str, *, wait: int = 1, count: int = 4) -> PingReport:
+        return await (await self._services()).ping(host, wait=wait, count=count)
+
+    async def ping(self, host: str, *, wait: int = 1, count: int = 1) -> list[PingReply | None]:
+        return (await self.ping_report(host, wait=wait, count=count)).replies
+
+    async def ntp(self, server: str, port: int = 123) -> str:
+        return await (await self._services()).ntp(server, port)

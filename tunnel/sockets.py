@@ -15,7 +15,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from enum import Enum, auto
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -59,13 +59,28 @@ class NoFreeSocket(ModemError):
     """All twelve connectIDs stayed busy for the caller's whole wait."""
 
 
-class _Slot:
+class FlowOwner(Protocol):
+    """What owns an open connectID: a TCP stream or a UDP flow. Hooks the serial reader calls
+    (they must not block) and the pool's reclaim uses."""
+
+    def _deliver(self, data: bytes, remote: tuple[str, int] | None) -> None: ...
+    def _notified(self) -> None: ...
+    def _remote_closed(self) -> None: ...
+    def _fail(self, reason: str, *, closed_by_modem: bool) -> None: ...
+    def _detach(self) -> None: ...
+    def _end_linger(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class Slot:
+    """One connectID: its lifecycle state and whoever owns it while open."""
+
     __slots__ = ("connect_id", "opened", "socket", "state")
 
     def __init__(self, connect_id: int) -> None:
         self.connect_id = connect_id
         self.state = SlotState.FREE
-        self.socket: ModemSocket | None = None
+        self.socket: FlowOwner | None = None
         self.opened: tuple[trio.Event, list[int]] | None = None
 
     def move(self, new: SlotState) -> None:
@@ -81,9 +96,9 @@ class SocketPool:
         self.modem = modem
         self.context_id = context_id
         self._nursery = nursery
-        self._slots = [_Slot(i) for i in CONNECT_IDS]
+        self._slots = [Slot(i) for i in CONNECT_IDS]
         # Least recently freed first: a late URC for an old flow never meets a new one.
-        self._free: deque[_Slot] = deque(self._slots)
+        self._free: deque[Slot] = deque(self._slots)
         self._waiting = trio.lowlevel.ParkingLot()
         self._all_free = trio.Event()
         self._all_free.set()
@@ -113,7 +128,7 @@ class SocketPool:
 
     # --- opening ----------------------------------------------------------------------------
 
-    async def reserve(self) -> "_Slot":
+    async def reserve(self) -> "Slot":
         """Wait for a free connectID (cancellable: callers bound the wait)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._free:
@@ -128,11 +143,11 @@ class SocketPool:
             self._all_free = trio.Event()
         return slot
 
-    def unreserve(self, slot: "_Slot") -> None:
+    def unreserve(self, slot: "Slot") -> None:
         slot.move(SlotState.CLOSING)
         self._release(slot)
 
-    async def open_tcp(self, host: str, port: int, slot: "_Slot | None" = None) -> "ModemSocket":
+    async def open_tcp(self, host: str, port: int, slot: "Slot | None" = None) -> "ModemSocket":
         """AT+QIOPEN a TCP client in push mode; the stream once +QIOPEN: <id>,0 arrived.
 
         ValueError (bad host, before anything is sent), OpenError, CommandTimeout, ModemGone.
@@ -146,22 +161,26 @@ class SocketPool:
         if slot is None:
             slot = await self.reserve()
         sock = ModemSocket(self, slot, f"{host}:{port}")
+        cmd = at.qiopen(self.context_id, slot.connect_id, "TCP", host, port, 0, ACCESS_PUSH)
+        await self.open_slot(slot, sock, cmd)
+        return sock
+
+    async def open_slot(self, slot: "Slot", owner: "FlowOwner", cmd: at.Command) -> None:
+        """AT+QIOPEN `cmd` on a reserved slot for `owner`; the slot is freed if it fails."""
         # Attached before AT+QIOPEN: the peer may push data (and even close) right behind the
         # +QIOPEN URC, before this task runs again.
-        slot.socket = sock
+        slot.socket = owner
         try:
-            await self._open_slot(slot, host, port)
+            await self._open(slot, cmd)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._close_slot(slot, reason="open failed")
             raise
         slot.move(SlotState.OPEN)
         self.opened_total += 1
-        return sock
 
-    async def _open_slot(self, slot: _Slot, host: str, port: int) -> None:
+    async def _open(self, slot: Slot, cmd: at.Command) -> None:
         cid = slot.connect_id
-        cmd = at.qiopen(self.context_id, cid, "TCP", host, port, 0, ACCESS_PUSH)
         for attempt in (1, 2):
             done, result = trio.Event(), list[int]()
             slot.opened = (done, result)
@@ -188,7 +207,7 @@ class SocketPool:
         if slot is None or slot.socket is None:
             log.warning("push data for no flow id=%d len=%d", event.connect_id, len(event.data))
             return
-        slot.socket._deliver(event.data)
+        slot.socket._deliver(event.data, event.remote)
 
     def _on_notify(self, event: RecvNotify) -> None:
         slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
@@ -243,7 +262,7 @@ class SocketPool:
                     sock._detach()
                     await self._close_slot(slot, reason=reason, skip_command=modem_lost_sockets)
 
-    async def _close_slot(self, slot: _Slot, *, reason: str, skip_command: bool = False) -> None:
+    async def _close_slot(self, slot: Slot, *, reason: str, skip_command: bool = False) -> None:
         """QICLOSE (bounded by the manual's 10 s) then free the id, whatever happens."""
         slot.opened = None
         if slot.state is not SlotState.CLOSING:
@@ -258,7 +277,7 @@ class SocketPool:
             log.debug("connectID free id=%d why=%s", slot.connect_id, reason)
             self._release(slot)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         slot.socket = None
         slot.move(SlotState.FREE)
         self._free.append(slot)
@@ -295,9 +314,9 @@ class SocketPool:
 class ModemSocket(trio.abc.HalfCloseableStream):
     """One TCP connection through the modem. Send: AT+QISEND; receive: push frames or AT+QIRD."""
 
-    def __init__(self, pool: SocketPool, slot: _Slot, peer: str) -> None:
+    def __init__(self, pool: SocketPool, slot: Slot, peer: str) -> None:
         self._pool = pool
-        self._slot: _Slot | None = slot
+        self._slot: Slot | None = slot
         self.connect_id = slot.connect_id
         self.peer = peer
         self._rx: deque[bytes] = deque()
@@ -321,7 +340,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
 
     # --- called from the serial reader ------------------------------------------------------
 
-    def _deliver(self, data: bytes) -> None:
+    def _deliver(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
         self._rx.append(data)
         self._rx_len += len(data)
         if self._write_closed:
