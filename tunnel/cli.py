@@ -1,6 +1,7 @@
 """`uc20-tunnel`: the command line (run, emulator)."""
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -10,7 +11,7 @@ from typing import Any
 
 import trio
 
-from . import config
+from . import config, control, render
 from .at.errors import ModemError
 from .config import ConfigError, Settings
 from .daemon import Daemon
@@ -57,6 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--control", metavar="PATH", help="control socket path")
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level (default info)")
+
+    def control_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
+        cmd.add_argument("--control", metavar="PATH", help="control socket of the daemon")
+        cmd.add_argument("--config", type=Path, help="read the control path from this config")
+        cmd.add_argument("--json", action="store_true", help="machine-readable output")
+        return cmd
+
+    control_command("status", "show the daemon's and the modem's state")
+    ping = control_command("ping", "ping a host through the modem (AT+QPING)")
+    ping.add_argument("host")
+    ping.add_argument("--count", type=int, default=4, help="requests, 1-10 (default 4)")
+    ping.add_argument("--wait", type=int, default=1, help="seconds per request (default 1)")
+    ntp = control_command("ntp", "ask an NTP server for the time through the modem (AT+QNTP)")
+    ntp.add_argument("server", nargs="?", default="pool.ntp.org")
+    ntp.add_argument("--port", type=int, default=123)
+    resolve = control_command("resolve", "resolve a name through the modem (AT+QIDNSGIP)")
+    resolve.add_argument("name")
 
     emu = sub.add_parser(
         "emulator",
@@ -131,13 +150,53 @@ async def _run_daemon(daemon: Daemon) -> None:
                 daemon.stop()
 
 
+def _control_path(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    path = args.config or (config.DEFAULT_PATH if config.DEFAULT_PATH.exists() else None)
+    values = config.load(path) if path is not None else {}
+    return str(values.get("control", Settings().control))
+
+
+def _client(args: argparse.Namespace) -> int:
+    message: dict[str, Any] = {"cmd": args.command}
+    if args.command == "ping":
+        message.update(host=args.host, count=args.count, wait=args.wait)
+    elif args.command == "ntp":
+        message.update(server=args.server, port=args.port)
+    elif args.command == "resolve":
+        message.update(name=args.name)
+    try:
+        path = _control_path(args)
+        answer = trio.run(control.request, path, message)
+    except ConfigError as exc:
+        print(f"uc20-tunnel: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"uc20-tunnel: no daemon at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    elif answer.get("ok"):
+        print(render.human(args.command, answer))
+    else:
+        print(f"uc20-tunnel {args.command}: {answer.get('error')}", file=sys.stderr)
+    return 0 if answer.get("ok") else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("status", "ping", "ntp", "resolve"):
+        return _client(args)
     if args.command == "emulator":
         _setup_logging(args.log_level)
         from .emulator import run_standalone
 
-        run_standalone(args.link, baud=args.baud or None, faults=args.fault)
+        try:
+            run_standalone(args.link, baud=args.baud or None, faults=args.fault)
+        except ValueError as exc:
+            print(f"uc20-tunnel emulator: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         settings = settings_from(args)

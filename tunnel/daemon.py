@@ -32,7 +32,7 @@ from .modem import Modem, with_timeout
 from .serialport import SerialPortError, open_port
 from .services import ModemServices
 from .sockets import SocketPool
-from .startup import SimError, start_up
+from .startup import Identity, SimError, start_up
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,9 @@ class Daemon:
         self.pool: SocketPool | None = None
         self.emulator: object | None = emulator
         self.ip = ""
+        self.device = settings.device
+        self.socks: list[tuple[str, int]] = []
+        self.identity: Identity | None = None
         self.problem = ""  # a condition that needs a human (SIM)
         self.sessions = 0
         self._stop = trio.Event()
@@ -101,8 +104,23 @@ class Daemon:
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
             socks = await nursery.start(_serve_proxy, self.dialer, s)
+            self.device, self.socks = device, socks
+            if s.control:
+                await nursery.start(self._serve_control, s.control)
             await self._supervise(device, socks, task_status)
             nursery.cancel_scope.cancel()
+
+    async def _serve_control(
+        self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        from .control import serve_control
+
+        try:
+            await serve_control(self, path, task_status=task_status)
+        except OSError as exc:
+            # Not fatal: e.g. a user run without write access to /run. The proxy still serves.
+            log.warning("control socket unavailable path=%s reason=%s", path, exc)
+            task_status.started("")
 
     # --- supervision ------------------------------------------------------------------------
 
@@ -184,7 +202,9 @@ class Daemon:
         self.supervisor.state = "starting"
         settings = context.ContextSettings(s.context, s.apn, s.username, s.password, s.auth_method)
         with trio.CancelScope() as self._startup_scope:
-            await start_up(modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout)
+            self.identity = await start_up(
+                modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout
+            )
             self.ip = await context.activate(modem, settings)
             await configure_dns(modem, s)
             await reconcile_sockets(modem, s.context)

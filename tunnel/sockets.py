@@ -336,6 +336,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self._notify_seen = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.opened_at = trio.current_time()
         self.bound_address: tuple[str, int] | None = None
 
     # --- called from the serial reader ------------------------------------------------------

@@ -62,6 +62,7 @@ class ModemUdpFlow:
         self.sent = 0
         self.received = 0
         self.dropped = 0
+        self.opened_at = trio.current_time()
 
     async def send(self, data: bytes, remote: tuple[str, int]) -> None:
         if len(data) > MAX_SEND_LEN:

@@ -1,0 +1,100 @@
+"""Human-readable output of the control commands (`--json` prints the answer as it came)."""
+
+from typing import Any
+
+
+def human(command: str, answer: dict[str, Any]) -> str:
+    return {"status": _status, "ping": _ping, "ntp": _ntp, "resolve": _resolve}[command](answer)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+
+
+_REG = {0: "not searching", 1: "home", 2: "searching", 3: "denied", 4: "unknown", 5: "roaming"}
+
+
+def _status(a: dict[str, Any]) -> str:
+    lines = [f"state: {a['state']}   uptime: {_duration(a['uptime'])}"]
+    if a.get("problem"):
+        lines.append(f"problem: {a['problem']}")
+    m = a["modem"]
+    if m.get("available"):
+        sig = m.get("signal") or {}
+        dbm = sig.get("dbm")
+        signal = f"{dbm} dBm (rssi {sig.get('rssi')})" if dbm is not None else "unknown"
+        reg = m.get("registration")
+        lines.append(
+            f"modem: {m.get('model') or '?'} {m.get('revision') or ''} on {a['device']}"
+            f"{' (emulated)' if a.get('emulated') else ''}"
+        )
+        lines.append(
+            f"  signal {signal}, operator {m.get('operator') or '?'}, "
+            f"registration {_REG.get(reg, '?') if reg is not None else '?'}"
+        )
+        lines.append(
+            f"  line in {_size(m['bytes_in'])} out {_size(m['bytes_out'])}, "
+            f"{m['commands']} commands, {m['timeouts']} timeouts, "
+            f"{m['garbage_lines']} garbage lines, {m['restarts_seen']} RDY seen"
+        )
+    else:
+        lines.append(f"modem: not available (device {a['device']})")
+    c = a["context"]
+    lines.append(f"context {c['id']}: apn {c['apn'] or '(none)'}, ip {c['ip'] or '-'}")
+    lines.append(f"socks: {', '.join(a['socks'])}")
+    r = a["restarts"]
+    line = f"restarts: {r['consecutive_failures']} consecutive failure(s)"
+    if r.get("next_restart_in") is not None:
+        line += f", next restart in {_duration(r['next_restart_in'])}"
+    lines.append(line)
+    for h in r["history"][-3:]:
+        lines.append(f"  {h['at']} attempt {h['attempt']}: {h['reason']}")
+    flows = a["flows"]
+    lines.append(f"flows: {len(flows)}")
+    for f in flows:
+        lines.append(
+            f"  id {f['id']:>2} {f['kind']} {f['dst']} up {_size(f['up'])} "
+            f"down {_size(f['down'])} age {_duration(f['age'])}"
+        )
+    d = a["dns"]
+    lines.append(f"dns: {d['lookups']} lookups, {d['cache_hits']} cache hits")
+    return "\n".join(lines)
+
+
+def _ping(a: dict[str, Any]) -> str:
+    lines = [f"PING {a['host']} through the modem"]
+    for i, r in enumerate(a["replies"], 1):
+        if r is None:
+            lines.append(f"  #{i}: timeout")
+        else:
+            lines.append(f"  #{i}: reply from {r['address']} time={r['time_ms']} ms ttl={r['ttl']}")
+    s = a["summary"]
+    lines.append(
+        f"{s['sent']} sent, {s['received']} received, {s['lost']} lost; "
+        f"rtt min/avg/max {s['min_ms']}/{s['avg_ms']}/{s['max_ms']} ms"
+    )
+    return "\n".join(lines)
+
+
+def _ntp(a: dict[str, Any]) -> str:
+    return f"{a['server']}: {a['time']}"
+
+
+def _resolve(a: dict[str, Any]) -> str:
+    return f"{a['name']}: {' '.join(a['addresses'])} (ttl {a['ttl']} s)"
