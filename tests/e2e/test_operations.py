@@ -124,7 +124,9 @@ async def test_status_ping_ntp_resolve_against_a_running_daemon(nursery, tmp_pat
             assert f"ip {t.serving.ip}" in text
             assert "signal -65 dBm" in text
             js = json.loads((await run_cli("status", "--control", control, "--json")).stdout)
-            assert js["ok"] and js["state"] == "serving" and js["context"]["ip"] == t.serving.ip
+            assert js["ok"]
+            assert js["state"] == "serving"
+            assert js["context"]["ip"] == t.serving.ip
             assert js["modem"]["operator"] == "UC20 Emulator"
             assert "password" not in json.dumps(js)
 
@@ -143,7 +145,8 @@ async def test_status_ping_ntp_resolve_against_a_running_daemon(nursery, tmp_pat
 
             res = await run_cli("resolve", "files.test", "--control", control, "--json")
             rj = json.loads(res.stdout)
-            assert rj["addresses"] == ["198.18.0.1"] and rj["ttl"] > 0
+            assert rj["addresses"] == ["198.18.0.1"]
+            assert rj["ttl"] > 0
             missing = await run_cli("resolve", "nothing.invalid", "--control", control)
             assert missing.returncode == 1
             assert b"565" in missing.stderr
