@@ -30,7 +30,8 @@ class Dialer(Protocol):
     async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
         """A connected stream to `host`:`port` (`host` as the client sent it: IPv4, IPv6 or a
         domain name), or DialError. The stream may carry `bound_address: tuple[str, int] | None`,
-        the local end for BND.ADDR/BND.PORT in the reply. Raise trio's stream errors from it:
+        the local end for BND.ADDR/BND.PORT in the reply, and `connect_id` for the flow logs.
+        Raise trio's stream errors from it:
         BrokenResourceError when the network side fails."""
         ...
 

@@ -266,7 +266,10 @@ class _Server:
                 log.info("client gone before reply client=%s dst=%s", peer, dst)
                 return
             opened = True
-            log.info("flow open client=%s dst=%s:%d", peer, request.host, request.port)
+            conn_id = getattr(remote, "connect_id", "-")
+            log.info(
+                "flow open client=%s dst=%s:%d id=%s", peer, request.host, request.port, conn_id
+            )
             await flow.splice(conn.trailing_data)
         finally:
             if flow.must_reset:
@@ -276,10 +279,11 @@ class _Server:
                 await _aclose_remote(remote, peer, dst)
             if opened:
                 log.info(
-                    "flow closed client=%s dst=%s:%d up=%d down=%d secs=%.1f reason=%s",
+                    "flow closed client=%s dst=%s:%d id=%s up=%d down=%d secs=%.1f reason=%s",
                     peer,
                     request.host,
                     request.port,
+                    getattr(remote, "connect_id", "-"),
                     flow.up,
                     flow.down,
                     trio.current_time() - start,

@@ -1,6 +1,7 @@
 """Operating the proxy: UDP ASSOCIATE, access control, RFC 1929, control commands, proxychains."""
 
 import json
+import os
 import shutil
 import socket
 import struct
@@ -117,6 +118,7 @@ async def test_status_ping_ntp_resolve_against_a_running_daemon(nursery, tmp_pat
     control = str(tmp_path / "control.sock")
     async with start_tunnel(nursery, control=control) as t:
         with trio.fail_after(60):
+            assert os.stat(control).st_mode & 0o777 == 0o660
             status = await run_cli("status", "--control", control)
             assert status.returncode == 0, status.stderr
             text = status.stdout.decode()

@@ -204,7 +204,7 @@ async def test_connect_ipv4_echo_1mib_byte_exact(
         await stream.aclose()
         await trio.testing.wait_all_tasks_blocked()  # the handler logs and parks in accept
     assert "flow open client=127.0.0.1:" in caplog.text
-    assert "dst=192.0.2.1:8080 up=1048576 down=1048576" in caplog.text
+    assert "dst=192.0.2.1:8080 id=- up=1048576 down=1048576" in caplog.text
     assert "reason=eof" in caplog.text
 
 
