@@ -1,0 +1,82 @@
+"""What the TUN front is configured with, and what it counts for the status command."""
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Final
+
+# A point-to-point pair no common LAN uses: not 192.168.0-1.x, 10.0.x, Docker's 172.17+/16,
+# Kubernetes' 10.96/12 and 10.244/16, QEMU's 10.0.2/24, Tailscale's 100.64/10 (a cellular
+# carrier's CGNAT range too), nor the RFC 2544 range the emulator's test convention routes.
+DEFAULT_ADDRESS: Final = "10.119.73.1"
+DEFAULT_PEER: Final = "10.119.73.2"
+# TCP ends at our listener, so the MTU only sets how many packets the daemon handles per MB;
+# 9000 (sing-box's and clash's choice) divides that by 6 against 1500. UDP is bounded by the
+# modem's 1460-byte datagrams whatever the MTU is.
+DEFAULT_MTU: Final = 9000
+DEFAULT_UDP_FLOWS: Final = 4  # modem connectIDs UDP may hold of the 12 shared with TCP
+DEFAULT_UDP_IDLE: Final = 60.0  # seconds; conntrack's unreplied UDP timeout is 30, stream 120
+MTU_RANGE: Final = range(576, 65536)  # RFC 791: every host takes 576-byte datagrams
+
+
+@dataclass(frozen=True, slots=True)
+class TunSettings:
+    name: str
+    routes: tuple[str, ...] = ()
+    address: str = DEFAULT_ADDRESS
+    peer: str = DEFAULT_PEER
+    mtu: int = DEFAULT_MTU
+    dns: bool = True  # answer DNS on the peer address
+    udp_flows: int = DEFAULT_UDP_FLOWS
+    udp_idle: float = DEFAULT_UDP_IDLE
+    accept_wait: float = 75.0  # a forwarded SYN not accepted by then: the kernel gave up (~63 s)
+    close_grace: float = 60.0  # a closed socket's handshake still running then: drop the entry
+
+    def __post_init__(self) -> None:
+        """Misuse raises at once, naming the setting (config.py names the key for files)."""
+        if not self.name:
+            raise ValueError("tun: an interface name is needed")
+        for key, text in (("tun_address", self.address), ("tun_peer", self.peer)):
+            try:
+                ipaddress.IPv4Address(text)
+            except ValueError:
+                raise ValueError(f"{key}: {text!r} is not an IPv4 address") from None
+        if self.address == self.peer:
+            raise ValueError("tun_peer: must differ from tun_address")
+        if self.mtu not in MTU_RANGE:
+            raise ValueError(f"tun_mtu: {self.mtu} out of range 576-65535")
+        if not 1 <= self.udp_flows <= 11:
+            raise ValueError("tun_udp_flows: 1-11 (one connectID is always left for TCP)")
+        for route in self.routes:
+            if not isinstance(ipaddress.ip_network(route, strict=False), ipaddress.IPv4Network):
+                raise ValueError(f"tun_routes: {route} is IPv6; the modem carries IPv4 only")
+
+    @property
+    def address_bytes(self) -> bytes:
+        return ipaddress.IPv4Address(self.address).packed
+
+    @property
+    def peer_bytes(self) -> bytes:
+        return ipaddress.IPv4Address(self.peer).packed
+
+
+@dataclass(slots=True)
+class Counters:
+    """Totals since start; `TunFront.status()` adds the live table sizes."""
+
+    tcp_opened: int = 0  # modem flows opened for TUN connections
+    tcp_refused: int = 0  # SYNs answered with RST or ICMP because the modem could not open
+    tcp_reset: int = 0  # segments of no known connection, answered with RST
+    bytes_up: int = 0  # TCP and UDP payload, application -> modem
+    bytes_down: int = 0
+    udp_flows_opened: int = 0
+    udp_sent: int = 0  # datagrams
+    udp_received: int = 0
+    udp_dropped: int = 0  # queue full, flow failed, or evicted
+    dns_queries: int = 0
+    dns_failures: int = 0  # SERVFAIL answered
+    pings: int = 0
+    ping_replies: int = 0
+    refused: dict[str, int] = field(default_factory=dict)  # what cannot be carried, by kind
+
+    def refuse(self, kind: str) -> None:
+        self.refused[kind] = self.refused.get(kind, 0) + 1

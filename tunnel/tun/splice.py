@@ -1,0 +1,256 @@
+"""TCP through the TUN by system-stack NAT: dial the modem on the application's SYN, splice the
+socket our listener accepts to that modem flow.
+
+One task per connection (`TcpSplicer._run`): it opens the modem flow while the NAT holds the SYN,
+answers a failure with a reset (or ICMP unreachable), forwards the SYN, waits for the listener to
+accept, splices both ways with half-close preserved, closes, and waits for the closing handshake
+to finish in the kernel before the NAT entry goes. The accept loop only hands sockets over.
+"""
+
+import contextlib
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from typing import Final
+
+import trio
+
+from proxy import DialError, ReplyCode
+
+from ..uplink import Uplink
+from .nat import Entry, State, TcpNat
+from .packet import UNREACH_HOST, UNREACH_NET, icmp_error, tcp_reset
+from .settings import Counters, TunSettings
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE: Final = 65536
+CLOSE_LIMIT: Final = 10.0  # seconds for a modem flow's close (AT+QICLOSE's limit, DESIGN.md)
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)
+
+# What the application hears when the modem could not open its connection. A reset is
+# "connection refused" at once. ICMP unreachable also aborts a connect() in SYN_SENT at once on
+# Linux (tcp_v4_err), and says why: ENETUNREACH while the cellular network is down,
+# EHOSTUNREACH when the host could not be reached or the modem timed out. "All connections
+# busy" (GENERAL_FAILURE) is a local refusal: a reset.
+_ICMP_FOR: Final[dict[ReplyCode, int]] = {
+    ReplyCode.NETWORK_UNREACHABLE: UNREACH_NET,
+    ReplyCode.HOST_UNREACHABLE: UNREACH_HOST,
+    ReplyCode.TTL_EXPIRED: UNREACH_HOST,
+}
+
+
+def refusal(syn: bytes, reply: ReplyCode, router: bytes) -> bytes | None:
+    """The packet answering a held SYN whose dial failed with `reply` (ICMP from `router`)."""
+    code = _ICMP_FOR.get(reply)
+    if code is None:
+        return tcp_reset(syn)
+    return icmp_error(syn, router, 3, code)
+
+
+class Flow:
+    """The I/O side of one NAT entry."""
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.sock: trio.socket.SocketType | None = None
+        self.ready = trio.Event()  # accepted, or the entry went before it was
+        self.gone = trio.Event()  # the NAT entry was removed
+
+
+class TcpSplicer:
+    def __init__(
+        self,
+        uplink: Uplink,
+        nat: TcpNat,
+        write: Callable[[bytes], bool],
+        settings: TunSettings,
+        counters: Counters,
+        nursery: trio.Nursery,
+    ) -> None:
+        self.uplink = uplink
+        self.nat = nat
+        self.write = write
+        self.settings = settings
+        self.counters = counters
+        self.nursery = nursery
+
+    def dial(self, entry: Entry) -> None:
+        """A new entry (the NAT said DIAL): open its modem flow and serve it."""
+        flow = Flow(entry)
+        entry.owner = flow
+        self.nursery.start_soon(self._run, flow)
+
+    def reap(self) -> None:
+        """Wake the tasks whose entries the NAT removed."""
+        for entry in self.nat.removed:
+            if isinstance(entry.owner, Flow):
+                entry.owner.ready.set()
+                entry.owner.gone.set()
+        self.nat.removed.clear()
+
+    async def accept_loop(self, listener: trio.socket.SocketType) -> None:
+        peer = self.settings.peer
+        while True:
+            sock, (host, port) = await listener.accept()
+            entry = self.nat.accepted(port) if host == peer else None
+            flow = entry.owner if entry is not None else None
+            if not isinstance(flow, Flow):
+                log.debug("tun accept without entry peer=%s:%d", host, port)
+                _reset_close(sock)
+                continue
+            flow.sock = sock
+            flow.ready.set()
+
+    async def _run(self, flow: Flow) -> None:
+        entry = flow.entry
+        host, port = entry.destination
+        src_host, src_port = entry.source
+        src = f"{src_host}:{src_port}"
+        dst = f"{host}:{port}"
+        try:
+            remote = await self.uplink.open_tcp(host, port)
+        except DialError as exc:
+            self.counters.tcp_refused += 1
+            self.nat.open_failed(entry)
+            self.reap()
+            answer = refusal(entry.held_syn, exc.reply, self.settings.peer_bytes)
+            if answer is not None:
+                self.write(answer)
+            log.info("tun connect refused src=%s dst=%s reply=%s", src, dst, exc.reply.name)
+            return
+        except BaseException:
+            self.nat.open_failed(entry)
+            self.reap()
+            raise
+        self.counters.tcp_opened += 1
+        try:
+            spliced = await self._serve(flow, remote, src, dst)
+        finally:
+            # The connectID goes back at once: the modem has only 12.
+            with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_LIMIT):
+                await _aclose(remote, dst)
+        if spliced and entry.state is not State.GONE:
+            # The kernel may still be exchanging FIN/ACK with the application: keep the entry
+            # until that is over (the NAT sees it), within a bound for a vanished application.
+            with trio.move_on_after(self.settings.close_grace):
+                await flow.gone.wait()
+            if not flow.gone.is_set():
+                self.nat.expire(entry)
+                self.reap()
+
+    async def _serve(
+        self, flow: Flow, remote: trio.abc.HalfCloseableStream, src: str, dst: str
+    ) -> bool:
+        """Forward the SYN, wait for accept(), splice; False if it never got that far."""
+        entry = flow.entry
+        syn = self.nat.opened(entry)
+        if syn is None:
+            log.debug("tun connect abandoned by the application src=%s dst=%s", src, dst)
+            return False
+        self.write(syn)
+        with trio.move_on_after(self.settings.accept_wait):
+            await flow.ready.wait()
+        sock = flow.sock
+        if sock is None:
+            log.debug("tun connect never accepted src=%s dst=%s", src, dst)
+            self.nat.expire(entry)
+            self.reap()
+            return False
+        log.debug("tun flow open src=%s dst=%s nat=%d", src, dst, entry.nat_port)
+        splice = _Splice(trio.SocketStream(sock), remote, self.counters)
+        try:
+            await splice.run()
+        finally:
+            if splice.must_reset:
+                _arm_reset(sock)
+            sock.close()
+            self.nat.socket_closed(entry)
+            self.reap()
+        log.debug(
+            "tun flow closed src=%s dst=%s up=%d down=%d reason=%s",
+            src,
+            dst,
+            splice.up,
+            splice.down,
+            splice.reason,
+        )
+        return True
+
+
+class _Splice:
+    """Socket <-> modem flow, both directions, each EOF forwarded."""
+
+    def __init__(
+        self,
+        app: trio.SocketStream,
+        remote: trio.abc.HalfCloseableStream,
+        counters: Counters,
+    ) -> None:
+        self.app = app
+        self.remote = remote
+        self.counters = counters
+        self.up = 0
+        self.down = 0
+        self.broken = False
+        self.remote_eof_forwarded = False
+        self.reason = "cancelled"
+
+    @property
+    def must_reset(self) -> bool:
+        """Reset the application unless the remote ended cleanly and its EOF got through, so a
+        cut flow never looks complete."""
+        return self.broken or not self.remote_eof_forwarded
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pump, True, nursery.cancel_scope)
+            nursery.start_soon(self._pump, False, nursery.cancel_scope)
+        if not self.broken:
+            self.reason = "eof"
+
+    async def _pump(self, upstream: bool, scope: trio.CancelScope) -> None:
+        src: trio.abc.HalfCloseableStream = self.app if upstream else self.remote
+        dst: trio.abc.HalfCloseableStream = self.remote if upstream else self.app
+        counters = self.counters
+        src_side, dst_side = ("application", "modem") if upstream else ("modem", "application")
+        side = src_side
+        try:
+            while chunk := await src.receive_some(RECEIVE_SIZE):
+                side = dst_side
+                await dst.send_all(chunk)
+                side = src_side
+                if upstream:
+                    self.up += len(chunk)
+                    counters.bytes_up += len(chunk)
+                else:
+                    self.down += len(chunk)
+                    counters.bytes_down += len(chunk)
+            side = dst_side
+            await dst.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not self.broken:
+                self.broken = True
+                self.reason = f"broken({side}: {type(exc.__cause__ or exc).__name__})"
+            scope.cancel()
+            return
+        if not upstream:
+            self.remote_eof_forwarded = True
+
+
+async def _aclose(remote: trio.abc.HalfCloseableStream, dst: str) -> None:
+    try:
+        await remote.aclose()
+    except Exception as exc:
+        log.warning("tun modem flow close failed dst=%s error=%r", dst, exc)
+
+
+def _arm_reset(sock: trio.socket.SocketType) -> None:
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _reset_close(sock: trio.socket.SocketType) -> None:
+    _arm_reset(sock)
+    sock.close()
