@@ -83,7 +83,7 @@ class ModemDialer:
             assert pool is not None
             slot = await pool.reserve()
         if waited.cancelled_caught or pool is None:
-            if self.pool is None:
+            if pool is None:  # still waiting for the network when time ran out
                 raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
             raise DialError(
                 ReplyCode.GENERAL_FAILURE,
