@@ -45,12 +45,12 @@ async def test_cache_honours_ttl(autojump_clock) -> None:
             first = await resolver.resolve("files.test")
             assert first.addresses == ("198.18.0.1", "198.18.0.2")
             assert first.ttl == 60
-            await trio.sleep(59)
+            autojump_clock.jump(59)
             cached = await resolver.resolve("FILES.test.")  # same name, other spelling
             assert cached.addresses == first.addresses
             assert cached.ttl == 1  # what is left of the modem's TTL
             assert len(fake.queries) == 1
-            await trio.sleep(2)
+            autojump_clock.jump(2)
             await resolver.resolve("files.test")  # expired: asked again
             assert len(fake.queries) == 2
             assert resolver.hits == 1
