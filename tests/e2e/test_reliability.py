@@ -304,3 +304,16 @@ async def test_client_half_close_reaches_the_server_after_all_bytes_are_acked(nu
             assert await stream.receive_some(10) == b""
             await stream.aclose()
     assert any(c.startswith("AT+QISEND=") and c.endswith(",0") for c in t.emulator.stats.commands)
+
+
+async def test_silently_dead_context_is_found_by_the_idle_probe(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery, probe_interval=0.2) as t:
+        with trio.fail_after(30):
+            t.emulator.faults.pdpdeact(1, silent=True)  # no URC: only AT+QIACT? tells
+            await t.emulator.wait_command("AT+QIDEACT=1")
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await stream.send_all(b"up")
+            assert await receive_exactly(stream, 2) == b"up"
+            await stream.aclose()

@@ -75,10 +75,11 @@ class FaultControl:
         self.pin_tries_left = 3
         self.timed: list[TimedFault] = []
 
-    def pdpdeact(self, ctx: int = 1) -> None:
-        """The network deactivates `ctx`: its sockets die and +QIURC: "pdpdeact",<ctx> (2.16.5)."""
+    def pdpdeact(self, ctx: int = 1, *, silent: bool = False) -> None:
+        """The network deactivates `ctx`: its sockets die and +QIURC: "pdpdeact",<ctx> (2.16.5);
+        `silent`: without the URC (only AT+QIACT? shows it)."""
         session = self._emu.session
-        if session is None or not session.network_deactivated(ctx):
+        if session is None or not session.network_deactivated(ctx, report=not silent):
             log.info("fault pdpdeact ignored ctx=%d reason=not-active", ctx)
 
     def hang(self, cfun_recovers: bool = False) -> None:

@@ -225,8 +225,10 @@ class Session:
         for conn in [c for c in self.conns.values() if c.ctx == ctx]:
             self.drop(conn)
 
-    def network_deactivated(self, ctx: int) -> bool:
-        """The network dropped `ctx` (2.16.5): sockets die, "pdpdeact" URC, QIDEACT needed."""
+    def network_deactivated(self, ctx: int, *, report: bool = True) -> bool:
+        """The network dropped `ctx` (2.16.5): sockets die, "pdpdeact" URC, QIDEACT needed.
+
+        `report=False`: the URC gets lost (a real modem sometimes never says it)."""
         if ctx not in self.active:
             return False
         del self.active[ctx]
@@ -236,7 +238,8 @@ class Session:
                 conn.close_now()
                 conn.state = State.CLOSING
                 conn.closed_reported = True
-        self.urc(f'+QIURC: "pdpdeact",{ctx}')
+        if report:
+            self.urc(f'+QIURC: "pdpdeact",{ctx}')
         return True
 
     def close_all(self) -> None:
