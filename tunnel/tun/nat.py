@@ -50,7 +50,12 @@ class Ev(enum.Enum):
 _G = State.GONE
 TRANSITIONS: Final[dict[State, dict[Ev, State]]] = {
     State.OPENING: {Ev.OPENED: State.CONNECTING, Ev.OPEN_FAILED: _G, Ev.RESET: _G},
-    State.CONNECTING: {Ev.ACCEPTED: State.SPLICED, Ev.RESET: _G, Ev.EXPIRED: _G},
+    State.CONNECTING: {
+        Ev.ACCEPTED: State.SPLICED,
+        Ev.RESET: _G,
+        Ev.EXPIRED: _G,
+        Ev.FINISHED: State.CONNECTING,  # a short exchange can end in the accept queue
+    },
     # A reset or a finished handshake is only noted while the daemon still holds the socket.
     State.SPLICED: {
         Ev.RESET: State.SPLICED,
