@@ -34,6 +34,7 @@ from .services import ModemServices
 from .sockets import SocketPool
 from .startup import Identity, SimError, start_up
 from .supervisor import Supervisor
+from .util import single_error
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Daemon:
         self.socks: list[tuple[str, int]] = []
         self.identity: Identity | None = None
         self.problem = ""  # a condition that needs a human (SIM)
+        self.needs_human = trio.Event()
         self.sessions = 0
         self._stop = trio.Event()
         self._announced = False
@@ -132,6 +134,7 @@ class Daemon:
                 end = await self._session(device, socks, task_status)
             except SimError as exc:
                 self.problem = str(exc)
+                self.needs_human.set()
                 self.supervisor.state = "sim-error"
                 log.error("sim problem, waiting for a human: %s", exc)
                 sdnotify.notify(f"STATUS=SIM problem: {exc}")
@@ -246,10 +249,8 @@ class Daemon:
 
     async def _watch(self, modem: Modem, dropped: trio.Event) -> End | None:
         """Serve until something happens; None means the context dropped."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._probe, modem, dropped)
-            await first_of(self._stop, dropped, modem.restarted, modem.closed, modem.unresponsive)
-            nursery.cancel_scope.cancel()
+        with single_error():
+            await self._watch_events(modem, dropped)
         if self.stopping:
             return End.STOP
         if not modem.alive:
@@ -259,6 +260,12 @@ class Daemon:
         if modem.unresponsive.is_set():
             return End.HUNG
         return None
+
+    async def _watch_events(self, modem: Modem, dropped: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._probe, modem, dropped)
+            await first_of(self._stop, dropped, modem.restarted, modem.closed, modem.unresponsive)
+            nursery.cancel_scope.cancel()
 
     async def _probe(self, modem: Modem, dropped: trio.Event) -> None:
         """While idle, ask AT+QIACT? now and then: it proves the modem answers and that our

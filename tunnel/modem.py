@@ -43,6 +43,7 @@ from .at.events import (
     Urc,
 )
 from .at.parser import ATParser
+from .util import single_error
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,13 @@ class Modem:
         """Run the reader for as long as the block lasts; the stream is closed on exit."""
         modem = cls(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(modem._read_loop)
-                try:
-                    yield modem
-                finally:
-                    nursery.cancel_scope.cancel()
+            with single_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(modem._read_loop)
+                    try:
+                        yield modem
+                    finally:
+                        nursery.cancel_scope.cancel()
         finally:
             modem._set_gone(ModemGone("modem closed"))
             with trio.CancelScope(shield=True):

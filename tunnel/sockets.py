@@ -24,6 +24,7 @@ from .at.constants import ACCESS_BUFFER, ACCESS_PUSH, CONNECT_IDS, MAX_SEND_LEN,
 from .at.errors import CommandError, ErrorCode, ModemError, SendBufferFull
 from .at.events import OpenResult, Recv, RecvNotify, SocketClosed
 from .modem import Modem
+from .util import single_error
 
 log = logging.getLogger(__name__)
 
@@ -109,22 +110,23 @@ class SocketPool:
     @classmethod
     @contextlib.asynccontextmanager
     async def open(cls, modem: Modem, context_id: int) -> AsyncIterator["SocketPool"]:
-        async with trio.open_nursery() as nursery:
-            pool = cls(modem, context_id, nursery)
-            unroute = [
-                modem.route(Recv, pool._on_recv),
-                modem.route(RecvNotify, pool._on_notify),
-                modem.route(SocketClosed, pool._on_closed),
-                modem.route(OpenResult, pool._on_open_result),
-            ]
-            nursery.start_soon(pool._switcher)
-            try:
-                yield pool
-            finally:
-                for undo in unroute:
-                    undo()
-                await pool._close_all()
-                nursery.cancel_scope.cancel()
+        with single_error():
+            async with trio.open_nursery() as nursery:
+                pool = cls(modem, context_id, nursery)
+                unroute = [
+                    modem.route(Recv, pool._on_recv),
+                    modem.route(RecvNotify, pool._on_notify),
+                    modem.route(SocketClosed, pool._on_closed),
+                    modem.route(OpenResult, pool._on_open_result),
+                ]
+                nursery.start_soon(pool._switcher)
+                try:
+                    yield pool
+                finally:
+                    for undo in unroute:
+                        undo()
+                    await pool._close_all()
+                    nursery.cancel_scope.cancel()
 
     # --- opening ----------------------------------------------------------------------------
 

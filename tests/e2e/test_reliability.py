@@ -13,6 +13,8 @@ import trio
 
 from tests.e2e.harness import start_tunnel
 from tests.helpers import echo_handler, http_handler, receive_exactly, serve_tcp, socks_connect
+from tunnel.config import Settings
+from tunnel.daemon import Daemon
 from tunnel.emulator import Emulator, serve_pty
 
 MiB = 1024 * 1024
@@ -317,3 +319,22 @@ async def test_silently_dead_context_is_found_by_the_idle_probe(nursery) -> None
             await stream.send_all(b"up")
             assert await receive_exactly(stream, 2) == b"up"
             await stream.aclose()
+
+
+async def test_rejected_pin_is_never_retried(nursery) -> None:
+    emulator = Emulator(faults=["sim-pin:4321"])
+    # Not start_tunnel: it waits for "serving", which must never come here.
+    daemon = Daemon(
+        Settings(emulate=True, sim_pin="1234", socks=(("127.0.0.1", 0),), control=""),
+        emulator=emulator,
+    )
+    nursery.start_soon(daemon.run)
+    with trio.fail_after(30):
+        await daemon.needs_human.wait()
+        await trio.testing.wait_all_tasks_blocked()
+    entered = [c for c in emulator.stats.commands if c.startswith("AT+CPIN=")]
+    assert entered == ['AT+CPIN="1234"']
+    assert daemon.supervisor.state == "sim-error"
+    assert "not retrying" in daemon.problem
+    assert emulator.faults.pin_tries_left == 2  # one wrong try used, two left for a human
+    daemon.stop()

@@ -116,3 +116,51 @@ async def test_daemon_follows_the_schedule_when_the_context_never_comes_up(
 @pytest.mark.parametrize("attempt", [1, 2, 3, 4])
 def test_first_four_restarts_are_immediate(attempt: int) -> None:
     assert pause_before(attempt) == 0
+
+
+class HangsDuringRecovery(BrokenNetworkModem):
+    """Comes up, then the network drops the context and AT+QIDEACT never gets an answer."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        super().__init__(nursery)
+        self.active = False
+        self.dropped_once = False
+        self.serving_again = trio.Event()
+
+    def answer(self, line: bytes) -> bytes:
+        ok = b"\r\nOK\r\n"
+        if line.startswith(b"AT+QIACT="):
+            self.active = True
+            return ok
+        if line == b"AT+QIACT?":
+            return (b'\r\n+QIACT: 1,1,1,"10.0.0.2"\r\n' if self.active else b"") + ok
+        if line.startswith(b"AT+QISTATE="):
+            if not self.dropped_once:
+                self.dropped_once = True
+                self.active = False
+                return ok + b'\r\n+QIURC: "pdpdeact",1\r\n'
+            self.serving_again.set()
+            return ok
+        if line.startswith(b"AT+QIDEACT="):
+            return b""  # hung: the supervisor must reboot after the manual's 40 s
+        if line == b"AT+CFUN=1,1":
+            self.reboots.append(trio.current_time())
+            self.active = False
+            return ok + b"\r\nRDY\r\n"
+        return super().answer(line)
+
+
+async def test_timeout_during_context_recovery_reboots_the_modem(autojump_clock) -> None:
+    daemon = Daemon(Settings(socks=(("127.0.0.1", 0),), control=""))
+    async with trio.open_nursery() as nursery:
+        fake = HangsDuringRecovery(nursery)
+        daemon._open_port = fake.connect  # type: ignore[method-assign]
+        nursery.start_soon(daemon.run)
+        await fake.serving_again.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.supervisor.state == "serving"
+        daemon.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert len(fake.reboots) == 1
+    assert "QIDEACT" in daemon.supervisor.history[0].reason
