@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--control", metavar="PATH", help="control socket path")
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level (default info)")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the configuration, print it (secrets masked) and exit",
+    )
 
     def control_command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
@@ -203,6 +208,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"uc20-tunnel: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        for key, value in settings.redacted().items():
+            print(f"{key} = {value!r}")
+        print("configuration ok")
+        return 0
     _setup_logging(settings.log_level)
     log.debug("settings %s", settings.redacted())
     try:

@@ -75,6 +75,7 @@ class Daemon:
         self.socks: list[tuple[str, int]] = []
         self.identity: Identity | None = None
         self.problem = ""  # a condition that needs a human (SIM)
+        self.signal_dbm: int | None = None
         self.needs_human = trio.Event()
         self.sessions = 0
         self._stop = trio.Event()
@@ -109,6 +110,9 @@ class Daemon:
             self.device, self.socks = device, socks
             if s.control:
                 await nursery.start(self._serve_control, s.control)
+            watchdog = sdnotify.watchdog_interval()
+            if watchdog is not None:
+                nursery.start_soon(self._watchdog, watchdog)
             await self._supervise(device, socks, task_status)
             nursery.cancel_scope.cancel()
 
@@ -123,6 +127,39 @@ class Daemon:
             # Not fatal: e.g. a user run without write access to /run. The proxy still serves.
             log.warning("control socket unavailable path=%s reason=%s", path, exc)
             task_status.started("")
+
+    def healthy(self) -> bool:
+        """False when the supervision looks wedged: serving (or starting) yet nothing heard
+        from the modem for longer than any command, probe or recovery step may take."""
+        if self.supervisor.state in ("backoff", "sim-error", "restarting"):
+            return True  # waiting on purpose; the state is in STATUS=
+        modem = self.modem
+        if modem is None or not modem.alive:
+            return True  # waiting for the device to (re)appear
+        s = self.settings
+        quiet_limit = max(s.probe_interval + s.probe_timeout, 150.0) + 60.0
+        return trio.current_time() - modem.last_answer < quiet_limit
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 at half the interval while healthy (a modem in backoff is healthy: it
+        reports its state instead of getting killed in a loop); STATUS= with the essentials."""
+        while True:
+            if self.healthy():
+                sdnotify.notify("WATCHDOG=1", f"STATUS={self.status_line()}")
+            else:
+                log.error("supervision looks wedged: not feeding the systemd watchdog")
+            await trio.sleep(interval / 2)
+
+    def status_line(self) -> str:
+        state = self.supervisor.state
+        flows = len(self.pool.in_use()) if self.pool is not None else 0
+        signal = f" signal={self.signal_dbm}dBm" if self.signal_dbm is not None else ""
+        if state == "sim-error":
+            return f"SIM problem: {self.problem}"
+        if state == "backoff" and self.supervisor.next_restart_at is not None:
+            wait = self.supervisor.next_restart_at - trio.current_time()
+            return f"modem restart backoff, next attempt in {wait:.0f}s"
+        return f"{state} ip={self.ip or '-'}{signal} flows={flows}"
 
     # --- supervision ------------------------------------------------------------------------
 
@@ -292,6 +329,15 @@ class Daemon:
                 log.warning("context found inactive by probe ctx=%d", s.context)
                 dropped.set()
                 return
+            await self._read_signal(modem)
+
+    async def _read_signal(self, modem: Modem) -> None:
+        try:
+            rssi, _ber = at.parse_csq((await modem.command(at.csq())).lines)
+        except (CommandError, ValueError):
+            return
+        # +CSQ <rssi> 0-31 is -113..-51 dBm, 99 unknown (3GPP 27.007)
+        self.signal_dbm = None if rssi == 99 else -113 + 2 * rssi
 
     def _announce(
         self, socks: list[tuple[str, int]], device: str, task_status: trio.TaskStatus[Serving]

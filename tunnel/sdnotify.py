@@ -26,3 +26,15 @@ def notify(*assignments: str) -> bool:
         log.warning("sd_notify failed socket=%s reason=%s", address, exc)
         return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds of WatchdogSec= when systemd watches this process (sd_watchdog_enabled(3))."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1e6
+    except ValueError:
+        return None
