@@ -21,7 +21,7 @@ import trio
 from .at import commands as at
 from .at.errors import CommandError, ModemError
 from .services import ServiceError
-from .sockets import ModemSocket
+from .stream import ModemSocket
 from .udp import ModemUdpFlow
 from .uplink import ResolveError
 

@@ -13,7 +13,8 @@ from proxy import DialError, ReplyCode
 from .at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
 from .dns import Resolver
 from .services import ModemServices, PingReport
-from .sockets import ModemSocket, Slot, SocketPool
+from .sockets import Slot, SocketPool
+from .stream import ModemSocket
 from .udp import ModemUdpFlow, open_udp
 from .uplink import DnsAnswer, PingReply, ResolveError
 

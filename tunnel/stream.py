@@ -1,0 +1,325 @@
+"""ModemSocket: one TCP connection through the modem as a trio HalfCloseableStream.
+
+Send: AT+QISEND=<id>,<n> per 1460 bytes (2.7), retrying SEND FAIL. Receive: push frames the serial
+reader hands over (never blocking it); past RX_HIGH_WATER the pool switches the connectID to
+buffer access mode and receive_some drains the modem with AT+QIRD, back to push once it is empty.
+The UC20 cannot half-close: send_eof waits for the acks, then the stream ends after the peer's
+quiet linger and closing sends AT+QICLOSE (a FIN).
+"""
+
+import contextlib
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from .at import commands as at
+from .at.constants import ACCESS_BUFFER, ACCESS_PUSH, MAX_SEND_LEN
+from .at.errors import CommandError, ModemError, SendBufferFull
+
+if TYPE_CHECKING:
+    from .sockets import Slot, SocketPool
+
+log = logging.getLogger(__name__)
+
+RX_HIGH_WATER: Final = 128 * 1024
+SEND_FAIL_BACKOFF: Final = (0.05, 0.5)  # first and longest pause between SEND FAIL retries
+SEND_FAIL_LIMIT: Final = 60.0  # a send buffer full this long means the flow is dead
+# Half-close emulation (the UC20 has no TCP shutdown): after send_eof, wait this long for the
+# modem to report every byte acked, then keep receiving until the peer has been quiet this long.
+ACK_WAIT: Final = 10.0
+HALF_CLOSE_LINGER: Final = 2.0
+
+
+class ModemSocket(trio.abc.HalfCloseableStream):
+    """One TCP connection through the modem. Send: AT+QISEND; receive: push frames or AT+QIRD."""
+
+    def __init__(self, pool: "SocketPool", slot: "Slot", peer: str) -> None:
+        self._pool = pool
+        self._slot: Slot | None = slot
+        self.connect_id = slot.connect_id
+        self.peer = peer
+        self._rx: deque[bytes] = deque()
+        self._rx_len = 0
+        self._rx_wakeup: trio.Event | None = None
+        self._eof = False  # +QIURC: "closed" seen
+        self._failure: str | None = None
+        self._modem_lost = False
+        self._closed = False
+        self._write_closed = False
+        self._linger_until = 0.0
+        self._sending = False
+        self._receiving = False
+        # Buffer access mode: data waits in the modem (see module docstring).
+        self._mode = ACCESS_PUSH
+        self._switching = False
+        self._notify_seen = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.opened_at = trio.current_time()
+        self.bound_address: tuple[str, int] | None = None
+
+    # --- called from the serial reader ------------------------------------------------------
+
+    def _deliver(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
+        self._rx.append(data)
+        self._rx_len += len(data)
+        if self._write_closed:
+            self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
+        self._wake()
+        if (
+            self._rx_len > RX_HIGH_WATER
+            and self._mode == ACCESS_PUSH
+            and not self._switching
+            and not self._eof
+        ):
+            self._switching = True
+            self._pool._request_switch(self)
+
+    def _notified(self) -> None:
+        self._notify_seen = True
+        self._wake()
+
+    def _remote_closed(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def _fail(self, reason: str, *, closed_by_modem: bool) -> None:
+        if self._failure is None:
+            self._failure = reason
+            self._modem_lost = closed_by_modem
+            self._wake()
+
+    def _detach(self) -> None:
+        """The pool took the connectID back (reclaim): closing this stream frees nothing."""
+        self._slot = None
+
+    def _end_linger(self) -> None:
+        if self._write_closed and not self._eof:
+            self._linger_until = trio.current_time()
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._rx_wakeup is not None:
+            self._rx_wakeup.set()
+            self._rx_wakeup = None
+
+    # --- mode switching ---------------------------------------------------------------------
+
+    async def _enter_buffer_mode(self) -> None:
+        try:
+            if not self._closed and self._failure is None and not self._eof:
+                await self._pool.modem.command(at.qiswtmd(self.connect_id, ACCESS_BUFFER))
+                self._mode = ACCESS_BUFFER
+                log.debug(
+                    "flow paused (buffer mode) id=%d buffered=%d", self.connect_id, self._rx_len
+                )
+        except ModemError as exc:
+            log.warning("switch to buffer mode failed id=%d reason=%s", self.connect_id, exc)
+        finally:
+            self._switching = False
+            self._wake()
+
+    async def _refill(self) -> None:
+        """Buffer mode, local buffer empty: read what the modem holds, or go back to push."""
+        modem = self._pool.modem
+        self._notify_seen = False
+        if await self._read_held():
+            return
+        # The modem's buffer is empty: resume direct push.
+        try:
+            await modem.command(at.qiswtmd(self.connect_id, ACCESS_PUSH))
+        except CommandError:
+            if not self._eof:
+                raise
+        self._mode = ACCESS_PUSH
+        log.debug("flow resumed (push mode) id=%d", self.connect_id)
+        if self._notify_seen:
+            # Data reached the modem between the empty read and the switch. A modem that
+            # pushes it on the switch leaves nothing here; one that keeps it gives it to QIRD.
+            self._notify_seen = False
+            with contextlib.suppress(CommandError):
+                late = await modem.command(at.qird(self.connect_id))
+                if late.data:
+                    self._rx.append(late.data)
+                    self._rx_len += len(late.data)
+
+    async def _read_held(self) -> bool:
+        """One AT+QIRD into the local buffer; False when the modem had nothing."""
+        try:
+            response = await self._pool.modem.command(at.qird(self.connect_id))
+        except CommandError as exc:
+            if self._eof:
+                return False  # closed and already drained: receive_some ends the stream
+            raise trio.BrokenResourceError(f"read failed: {exc}") from exc
+        if not response.data:
+            return False
+        self._rx.append(response.data)
+        self._rx_len += len(response.data)
+        return True
+
+    # --- trio stream API --------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this socket")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("socket was closed")
+                if self._rx:
+                    return self._take(max_bytes)
+                if self._failure is not None:
+                    raise trio.BrokenResourceError(self._failure)
+                if self._mode == ACCESS_BUFFER and not self._switching:
+                    try:
+                        await self._refill()
+                    except ModemError as exc:
+                        raise trio.BrokenResourceError(str(exc)) from exc
+                    continue
+                if self._eof and not self._switching:
+                    return b""
+                self._rx_wakeup = wakeup = trio.Event()
+                if not self._write_closed:
+                    await wakeup.wait()
+                    continue
+                with trio.move_on_at(self._linger_until):
+                    await wakeup.wait()
+                if not wakeup.is_set() and trio.current_time() >= self._linger_until:
+                    # We sent EOF and the peer has been quiet: end the stream so the flow
+                    # closes and AT+QICLOSE finally sends the FIN the peer may wait for.
+                    log.debug("half-close linger over id=%d", self.connect_id)
+                    self._eof = True
+                    return b""
+        finally:
+            self._receiving = False
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        rx = self._rx
+        first = rx[0]
+        if max_bytes is None or len(first) <= max_bytes:
+            # Join whole chunks up to max_bytes: few, large writes to the client.
+            limit = max_bytes or 65536
+            if len(first) >= limit or len(rx) == 1:
+                data = rx.popleft()
+            else:
+                parts = [rx.popleft()]
+                size = len(first)
+                while rx and size + len(rx[0]) <= limit:
+                    size += len(rx[0])
+                    parts.append(rx.popleft())
+                data = b"".join(parts)
+        else:
+            data = first[:max_bytes]
+            rx[0] = first[max_bytes:]
+        self._rx_len -= len(data)
+        self.bytes_received += len(data)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this socket")
+        self._sending = True
+        try:
+            if not data:
+                await trio.lowlevel.checkpoint()  # else the modem command is our checkpoint
+            if self._closed or self._write_closed:
+                raise trio.ClosedResourceError("socket was closed for sending")
+            view = memoryview(data)
+            for start in range(0, len(view), MAX_SEND_LEN):
+                await self._send_chunk(bytes(view[start : start + MAX_SEND_LEN]))
+        finally:
+            self._sending = False
+
+    async def _send_chunk(self, chunk: bytes) -> None:
+        modem = self._pool.modem
+        pause, longest = SEND_FAIL_BACKOFF
+        deadline = trio.current_time() + SEND_FAIL_LIMIT
+        while True:
+            if self._failure is not None:
+                raise trio.BrokenResourceError(self._failure)
+            if self._closed:
+                raise trio.ClosedResourceError("socket was closed")
+            try:
+                await modem.send_data(self.connect_id, chunk)
+            except SendBufferFull:
+                # 2.7: SEND FAIL means the buffer is full; the same bytes go again later.
+                if trio.current_time() + pause > deadline:
+                    self._fail("send buffer full for 60 s", closed_by_modem=False)
+                    raise trio.BrokenResourceError("modem send buffer stayed full") from None
+                log.debug(
+                    "send fail, retrying id=%d len=%d pause=%.2f",
+                    self.connect_id,
+                    len(chunk),
+                    pause,
+                )
+                await trio.sleep(pause)
+                pause = min(pause * 2, longest)
+                continue
+            except ModemError as exc:
+                self._fail(f"send failed: {exc}", closed_by_modem=False)
+                raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+            self.bytes_sent += len(chunk)
+            return
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def send_eof(self) -> None:
+        """Emulated half-close: the UC20 cannot shut down one direction of a TCP connection.
+
+        Wait (bounded) until the modem reports every sent byte acked by the peer
+        (AT+QISEND=<id>,0), then keep receiving until the peer closes or stays quiet for
+        HALF_CLOSE_LINGER; the stream then ends and closing it sends AT+QICLOSE (a FIN).
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this socket")
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("socket was closed")
+        if self._write_closed:
+            return
+        self._write_closed = True
+        self._sending = True
+        try:
+            await self._wait_acked()
+        finally:
+            self._sending = False
+        self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
+        self._wake()
+
+    async def _wait_acked(self) -> None:
+        modem = self._pool.modem
+        pause = 0.05
+        with trio.move_on_after(ACK_WAIT):
+            while self._failure is None and not self._eof and self.bytes_sent:
+                try:
+                    lines = (await modem.command(at.qisend_query(self.connect_id))).lines
+                    _total, _acked, unacked = at.parse_qisend_query(lines)
+                except (ModemError, ValueError) as exc:
+                    log.debug("ack query failed id=%d reason=%s", self.connect_id, exc)
+                    return
+                if unacked == 0:
+                    return
+                await trio.sleep(pause)
+                pause = min(pause * 2, 1.0)
+
+    async def aclose(self) -> None:
+        """Free the connectID and AT+QICLOSE it (shielded, bounded); idempotent."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._wake()
+        self._pool._switch_requests.discard(self)
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            with trio.CancelScope(shield=True):
+                await self._pool._close_slot(slot, reason="closed", skip_command=self._modem_lost)
+        await trio.lowlevel.checkpoint()
