@@ -193,6 +193,13 @@ class DnsResponder:
                 log.debug("tun dns name=%s rcode=%s reason=%s", query.name, rcode.name, exc.reason)
                 self._reply(key[0], key[1], response(query, rcode))
                 return
+            except Exception as exc:
+                # Outside the Uplink contract: a bug. Answer SERVFAIL and say so, but keep
+                # the interface (and every other flow) up.
+                self.counters.dns_failures += 1
+                log.error("tun dns lookup raised name=%s error=%r", query.name, exc, exc_info=exc)
+                self._reply(key[0], key[1], response(query, Rcode.SERVFAIL))
+                return
             log.debug(
                 "tun dns name=%s type=%d addresses=%s ttl=%d",
                 query.name,

@@ -21,9 +21,7 @@ from typing import Any, Final
 
 import trio
 
-from proxy import DialError
-
-from ..uplink import ResolveError, Uplink
+from ..uplink import Uplink
 from .device import DeviceConfig, TunDevice
 from .dnsresponder import DNS_PORT, DnsResponder
 from .nat import TcpNat, Verdict
@@ -246,8 +244,10 @@ class TunFront:
         host = str(ipaddress.IPv4Address(request[16:20]))
         try:
             replies = await self.uplink.ping(host, wait=1, count=1)
-        except (ResolveError, DialError) as exc:
-            log.debug("tun ping failed dst=%s reason=%s", host, exc)
+        except Exception as exc:
+            # Whatever failed (network down, modem busy, a timeout), the echo goes unanswered,
+            # as on a lossy path; ping reports the loss.
+            log.debug("tun ping failed dst=%s reason=%r", host, exc)
             return
         finally:
             self._pings -= 1

@@ -2,7 +2,7 @@
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 # A point-to-point pair no common LAN uses: not 192.168.0-1.x, 10.0.x, Docker's 172.17+/16,
 # Kubernetes' 10.96/12 and 10.244/16, QEMU's 10.0.2/24, Tailscale's 100.64/10 (a cellular
@@ -49,6 +49,21 @@ class TunSettings:
         for route in self.routes:
             if not isinstance(ipaddress.ip_network(route, strict=False), ipaddress.IPv4Network):
                 raise ValueError(f"tun_routes: {route} is IPv6; the modem carries IPv4 only")
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "TunSettings":
+        """From the daemon's `config.Settings`. Keys beyond `tun` and `tun_routes` are read with
+        their defaults when absent, so this works before config.py grows them."""
+        return cls(
+            name=settings.tun,
+            routes=tuple(settings.tun_routes),
+            address=getattr(settings, "tun_address", DEFAULT_ADDRESS),
+            peer=getattr(settings, "tun_peer", DEFAULT_PEER),
+            mtu=getattr(settings, "tun_mtu", DEFAULT_MTU),
+            dns=getattr(settings, "tun_dns", True),
+            udp_flows=getattr(settings, "tun_udp_flows", DEFAULT_UDP_FLOWS),
+            udp_idle=getattr(settings, "tun_udp_idle", DEFAULT_UDP_IDLE),
+        )
 
     @property
     def address_bytes(self) -> bytes:

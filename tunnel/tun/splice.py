@@ -120,6 +120,17 @@ class TcpSplicer:
                 self.write(answer)
             log.info("tun connect refused src=%s dst=%s reply=%s", src, dst, exc.reply.name)
             return
+        except Exception as exc:
+            # Outside the Uplink contract: a bug. Refuse this connection and say so, but keep
+            # the interface (and every other flow) up.
+            self.counters.tcp_refused += 1
+            self.nat.open_failed(entry)
+            self.reap()
+            answer = tcp_reset(entry.held_syn)
+            if answer is not None:
+                self.write(answer)
+            log.error("tun connect raised src=%s dst=%s error=%r", src, dst, exc, exc_info=exc)
+            return
         except BaseException:
             self.nat.open_failed(entry)
             self.reap()

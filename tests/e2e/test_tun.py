@@ -1,0 +1,265 @@
+"""The installed daemon with `--tun uc0` on the emulator, inside a network namespace per test.
+
+The daemon, its emulator's "internet" (the namespace's loopback) and the test's servers all live
+in the namespace; plain curl, with no proxy settings, reaches them through the interface by
+routing alone (198.18.0.0/15 goes to uc0; the emulator maps it back onto 127.0.0.1).
+"""
+
+import contextlib
+import errno
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+import tunnel.daemon
+from tests.e2e.harness import start_tunnel
+from tests.helpers import echo_handler, http_handler, receive_all, serve_tcp
+from tests.tunnel.tun.netns import entered, ip, link_exists, namespace
+from tunnel.tun.packet import checksum
+from tunnel.tun.settings import DEFAULT_PEER
+
+BIN = str(Path(sys.executable).with_name("uc20-tunnel"))
+TEST_ADDRESS = "198.18.0.1"
+MiB = 1024 * 1024
+NO_PROXY_ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/tmp"}
+
+# Until tunnel/daemon.py starts the TUN front, these tests fail fast ("ready" without "tun
+# ready"); they are expected to. Delete this marker with the wiring.
+pytestmark = pytest.mark.xfail(
+    "TunFront" not in Path(tunnel.daemon.__file__).read_text(),
+    reason="tunnel/daemon.py does not start the TUN front yet",
+    strict=True,
+)
+
+
+class LogReader:
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.text = ""
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        while True:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise AssertionError(f"daemon ended before {pattern!r}:\n{self.text}")
+            self.text += chunk.decode(errors="replace")
+
+    async def rest(self) -> str:
+        while chunk := await self.stream.receive_some(65536):
+            self.text += chunk.decode(errors="replace")
+        return self.text
+
+
+@dataclass
+class Running:
+    netns: str
+    proc: trio.Process
+    log: LogReader
+
+    async def stop(self) -> str:
+        """SIGTERM; the exit code must be 0. Returns the whole log."""
+        self.proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            text = await self.log.rest()
+            assert await self.proc.wait() == 0, text
+        assert "Traceback" not in text
+        return text
+
+
+@pytest.fixture
+def netns() -> AsyncIterator[str]:
+    with namespace(resolv_conf=f"nameserver {DEFAULT_PEER}\n") as name, entered(name):
+        yield name
+
+
+@contextlib.asynccontextmanager
+async def daemon(netns: str, tmp_path: Path) -> AsyncIterator[Running]:
+    command = [
+        *("ip", "netns", "exec", netns, BIN, "run", "--emulate"),
+        *("--tun", "uc0", "--tun-route", "198.18.0.0/15"),
+        *("--socks", "127.0.0.1:0", "--config", "/dev/null"),
+        *("--control", str(tmp_path / "control.sock")),
+    ]
+    proc = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    log = LogReader(proc.stderr)
+    try:
+        with trio.fail_after(30):
+            ready = await log.wait_for(r"(tun ready name=uc0|ready socks=)")
+            assert ready.group(1).startswith("tun"), f"no TUN front started:\n{log.text}"
+            await log.wait_for(r"ready socks=")
+        yield Running(netns, proc, log)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+
+
+async def curl(netns: str, url: str, out: Path) -> subprocess.CompletedProcess[bytes]:
+    """Plain curl in the namespace (its resolv.conf points at the TUN's DNS responder)."""
+    command = ["ip", "netns", "exec", netns, "curl", "-sS", "--fail", "--noproxy", "*"]
+    return await trio.run_process(
+        [*command, "-o", str(out), url], check=False, capture_stderr=True, env=NO_PROXY_ENV
+    )
+
+
+async def test_curl_download_then_sigterm_removes_everything(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    blob = random.Random(5).randbytes(5 * MiB)
+    port = await nursery.start(serve_tcp, http_handler({"file": blob}))
+    async with daemon(netns, tmp_path) as running:
+        out = tmp_path / "file"
+        with trio.fail_after(60):
+            done = await curl(netns, f"http://{TEST_ADDRESS}:{port}/file", out)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == blob
+        assert link_exists("uc0", netns)
+        text = await running.stop()
+    assert not link_exists("uc0", netns)
+    assert "198.18" not in ip("route", "show", netns=netns).stdout
+    assert re.search(r"tun closed name=uc0 nat_entries=0 opened=1 refused=0", text), text
+
+
+async def test_curl_by_name_resolves_through_the_tun_dns(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    port = await nursery.start(serve_tcp, http_handler({"hello": b"hello by name"}))
+    async with daemon(netns, tmp_path) as running:
+        out = tmp_path / "hello"
+        with trio.fail_after(30):
+            done = await curl(netns, f"http://files.test:{port}/hello", out)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == b"hello by name"
+        with trio.fail_after(30):
+            done = await curl(netns, f"http://nowhere.invalid:{port}/hello", out)
+        assert done.returncode == 6, done.stderr  # CURLE_COULDNT_RESOLVE_HOST: NXDOMAIN
+        await running.stop()
+
+
+async def test_refused_port_is_connection_refused(netns: str, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    async with daemon(netns, tmp_path) as running:
+        sock = trio.socket.socket()
+        with sock, trio.fail_after(30), pytest.raises(ConnectionRefusedError):
+            await sock.connect((TEST_ADDRESS, closed))
+        # Off the emulator's internet: the modem cannot open it, so refused too (not a hang).
+        with trio.fail_after(30):
+            done = await curl(netns, f"http://{TEST_ADDRESS}:{closed}/", tmp_path / "x")
+        assert done.returncode == 7, done.stderr  # CURLE_COULDNT_CONNECT
+        await running.stop()
+
+
+async def test_twelve_parallel_flows_byte_exact(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    port = await nursery.start(serve_tcp, echo_handler)
+    blobs = [random.Random(i).randbytes(128 * 1024 + i) for i in range(12)]
+    results: dict[int, bytes] = {}
+
+    async def one(i: int) -> None:
+        sock = trio.socket.socket()
+        await sock.connect((TEST_ADDRESS, port))
+        async with trio.SocketStream(sock) as stream, trio.open_nursery() as inner:
+
+            async def send() -> None:
+                await stream.send_all(blobs[i])
+                await stream.send_eof()
+
+            inner.start_soon(send)
+            results[i] = await receive_all(stream)
+
+    async with daemon(netns, tmp_path) as running:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as flows:
+                for i in range(12):
+                    flows.start_soon(one, i)
+        assert [results[i] == blobs[i] for i in range(12)] == [True] * 12
+        await running.stop()
+
+
+async def udp_echo_server(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind(("127.0.0.1", 0))
+        task_status.started(sock.getsockname()[1])
+        while True:
+            data, addr = await sock.recvfrom(65536)
+            await sock.sendto(data, addr)
+
+
+async def test_udp_echo_and_ping_through_the_interface(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    port = await nursery.start(udp_echo_server)
+    async with daemon(netns, tmp_path) as running:
+        with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock, trio.fail_after(30):
+            for size in (1, 700, 1460):
+                data = random.randbytes(size)
+                await sock.sendto(data, (TEST_ADDRESS, port))
+                got, source = await sock.recvfrom(65536)
+                assert (got, source) == (data, (TEST_ADDRESS, port))
+        # ICMP echo, answered after the modem's AT+QPING.
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        raw.setblocking(False)
+        request = bytearray(struct.pack("!BBHHH", 8, 0, 0, 0x5151, 1) + b"uc20 ping")
+        struct.pack_into("!H", request, 2, checksum(request))
+        with trio.socket.from_stdlib_socket(raw) as icmp, trio.fail_after(30):
+            await icmp.sendto(bytes(request), (TEST_ADDRESS, 0))
+            while True:
+                reply = await icmp.recv(65536)
+                if reply[20] == 0 and reply[24:26] == b"\x51\x51":
+                    break
+        assert reply[28:] == b"uc20 ping"
+        await running.stop()
+
+
+async def test_interface_survives_network_loss_and_refuses_meanwhile(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """In-process daemon (faults at hand): while the context is down, a connect through the
+    interface fails promptly with "network unreachable"; the interface stays; then it works."""
+    port = await nursery.start(serve_tcp, echo_handler)
+    overrides = {"tun": "uc0", "tun_routes": ("198.18.0.0/15",), "connect_wait": 0.5}
+    async with start_tunnel(nursery, control=str(tmp_path / "c.sock"), **overrides) as t:
+        assert link_exists("uc0", netns)
+        with trio.fail_after(60):
+            t.emulator.faults.qiact_fail(1000)  # the network refuses the context for now
+            try:
+                t.emulator.faults.pdpdeact(1)
+                await t.emulator.wait_command("AT+QIACT=1", count=2)
+                sock = trio.socket.socket()
+                with sock, pytest.raises(OSError, match="unreachable") as caught:
+                    await sock.connect((TEST_ADDRESS, port))
+                assert caught.value.errno == errno.ENETUNREACH
+                assert link_exists("uc0", netns)
+            finally:
+                t.emulator.faults.qiact_fail(0)  # a failure must not leave the stop waiting
+            while True:  # recovery retries with backoff; each connect waits connect_wait
+                sock = trio.socket.socket()
+                with sock:
+                    try:
+                        await sock.connect((TEST_ADDRESS, port))
+                    except OSError as exc:
+                        assert exc.errno == errno.ENETUNREACH
+                        continue
+                    stream = trio.SocketStream(sock)
+                    await stream.send_all(b"back")
+                    await stream.send_eof()
+                    assert await receive_all(stream) == b"back"
+                    break
