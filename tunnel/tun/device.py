@@ -75,7 +75,11 @@ class TunDevice:
     def create(cls, config: DeviceConfig) -> "TunDevice":
         """Make and configure the interface (it is up, addressed and routed on return)."""
         routes = kernel_routes(config.routes)
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            # Typically EACCES/EPERM: the daemon needs root or CAP_NET_ADMIN for a TUN.
+            raise DeviceError(exc.errno, f"open /dev/net/tun: {exc.strerror}") from exc
         try:
             fcntl.ioctl(fd, TUNSETIFF, _IFREQ.pack(config.name.encode(), IFF_TUN | IFF_NO_PI))
         except OSError as exc:
@@ -95,13 +99,17 @@ class TunDevice:
         # The modem is IPv4-only: no IPv6 link-local address, router solicitations or MLD
         # reports to drop. Before the link is up, so none is ever sent.
         _sysctl(f"net/ipv6/conf/{c.name}/disable_ipv6", "1")
-        with IPRoute() as ipr, _step(f"configure {c.name}"):
-            self.index = ipr.link_lookup(ifname=c.name)[0]
-            ipr.link("set", index=self.index, mtu=c.mtu)
-            ipr.addr("add", index=self.index, local=c.address, address=c.peer, prefixlen=32)
-            ipr.link("set", index=self.index, state="up")
+        with IPRoute() as ipr:
+            with _step(f"{c.name}: set mtu {c.mtu}"):
+                self.index = ipr.link_lookup(ifname=c.name)[0]
+                ipr.link("set", index=self.index, mtu=c.mtu)
+            with _step(f"{c.name}: add address {c.address} peer {c.peer}"):
+                ipr.addr("add", index=self.index, local=c.address, address=c.peer, prefixlen=32)
+            with _step(f"{c.name}: set up"):
+                ipr.link("set", index=self.index, state="up")
             for net in routes:
-                ipr.route("add", dst=str(net), oif=self.index)
+                with _step(f"{c.name}: add route {net}"):
+                    ipr.route("add", dst=str(net), oif=self.index)
                 self._routes.append(net)
         log.info(
             "tun device up name=%s address=%s peer=%s mtu=%d routes=%s",

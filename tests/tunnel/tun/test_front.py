@@ -191,3 +191,30 @@ async def test_interface_in_use_is_an_error(front: TunFront, uplink: HostUplink)
     other = TunFront(uplink, TunSettings("uc0"))
     with pytest.raises(OSError, match="uc0"):
         await other.serve()
+
+
+async def test_route_already_taken_is_an_error_naming_it(
+    netns: str, uplink: HostUplink, tun_settings: TunSettings
+) -> None:
+    assert ip("route", "add", "blackhole", "192.0.2.0/24", netns=netns).returncode == 0
+    with pytest.raises(OSError, match=r"uc0: add route 192\.0\.2\.0/24: File exists"):
+        await TunFront(uplink, tun_settings).serve()
+    assert not link_exists("uc0", netns)  # nothing left behind
+
+
+async def test_uplink_bug_refuses_that_connect_only(
+    front: TunFront, nursery: trio.Nursery, uplink: HostUplink, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = await nursery.start(serve_tcp, echo_handler)
+    working = uplink.open_tcp
+
+    async def broken(host: str, port: int) -> trio.abc.HalfCloseableStream:
+        uplink.open_tcp = working  # type: ignore[method-assign]
+        raise RuntimeError("a bug outside the Uplink contract")
+
+    uplink.open_tcp = broken  # type: ignore[method-assign]
+    with trio.fail_after(10):
+        with pytest.raises(ConnectionRefusedError):
+            await connect(TEST_ADDRESS, port)
+        assert await echo(port, b"still up") == b"still up"
+    assert "tun connect raised" in caplog.text
