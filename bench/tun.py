@@ -143,7 +143,8 @@ def main() -> None:
     line = f"line rate {args.baud / 10 / 1e6:.3f} MB/s" if args.baud else "unthrottled"
     print(f"download {args.mib:g} MiB, {line}, best of {args.rounds}:")
     for mode, (rate, per_mb) in best.items():
-        print(f"  {mode:5s}: {rate:6.2f} MB/s, daemon {per_mb:.4f} CPU-s/MB")
+        ratio = f" ({rate / (args.baud / 10 / 1e6):.3f} of line rate)" if args.baud else ""
+        print(f"  {mode:5s}: {rate:6.2f} MB/s{ratio}, daemon {per_mb:.4f} CPU-s/MB")
 
 
 if __name__ == "__main__":
