@@ -156,6 +156,9 @@ class TunFront:
             return
         ihl = (buf[0] & 0x0F) * 4
         proto = buf[9]
+        if ihl < 20 or ihl > len(buf):
+            self.counters.refuse("malformed")
+            return
         if buf[6] & 0x3F or buf[7]:  # MF or a fragment offset
             self.counters.refuse("fragment")
             return
