@@ -161,8 +161,13 @@ class TcpSplicer:
             log.debug("tun connect abandoned by the application src=%s dst=%s", src, dst)
             return False
         self.write(syn)
-        with trio.move_on_after(self.settings.accept_wait):
-            await flow.ready.wait()
+        try:
+            with trio.move_on_after(self.settings.accept_wait):
+                await flow.ready.wait()
+        except BaseException:
+            if flow.sock is not None:  # accepted just as we were cancelled: no socket leaks
+                _reset_close(flow.sock)
+            raise
         sock = flow.sock
         if sock is None:
             log.debug("tun connect never accepted src=%s dst=%s", src, dst)

@@ -121,6 +121,11 @@ class UdpRelay:
                     if answer is not None:
                         self.write(answer)
                     return
+                except Exception as exc:
+                    # Outside the Uplink contract: a bug. Drop this mapping and say so, but keep
+                    # the interface up.
+                    log.error("tun udp open raised src=%s error=%r", who, exc, exc_info=exc)
+                    return
                 self.counters.udp_flows_opened += 1
                 log.debug("tun udp flow open src=%s", who)
                 try:
@@ -149,6 +154,10 @@ class UdpRelay:
                 self.counters.udp_dropped += 1
                 log.debug("tun udp send failed dst=%s:%d reason=%s", *remote, exc)
                 continue
+            except Exception as exc:  # outside the UdpFlow contract: end this mapping only
+                log.error("tun udp send raised dst=%s:%d error=%r", *remote, exc, exc_info=exc)
+                mapping.scope.cancel()
+                return
             self.counters.udp_sent += 1
             self.counters.bytes_up += len(payload)
 
@@ -158,6 +167,10 @@ class UdpRelay:
             try:
                 data, (host, rport) = await flow.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+                mapping.scope.cancel()
+                return
+            except Exception as exc:  # outside the UdpFlow contract: end this mapping only
+                log.error("tun udp receive raised error=%r", exc, exc_info=exc)
                 mapping.scope.cancel()
                 return
             try:

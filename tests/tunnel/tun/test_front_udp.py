@@ -1,5 +1,6 @@
 """UDP, DNS, ICMP and refusals through the TUN front (private namespace, HostUplink)."""
 
+import errno
 import random
 import socket
 import struct
@@ -12,6 +13,7 @@ from tunnel.tun import TunFront, TunSettings
 from tunnel.tun.packet import checksum
 
 PEER = "10.119.73.2"
+IP_RECVERR = 11  # linux/in.h; not in the socket module
 
 
 def dns_query(name: str, qtype: int = 1, ident: int = 0x4242) -> bytes:
@@ -184,3 +186,18 @@ async def test_other_protocols_refused_with_protocol_unreachable(front: TunFront
     assert reply[ihl + 1] == 2  # protocol unreachable
     assert reply[ihl + 8 + 9] == 47  # quoting our GRE packet
     assert front.status()["refused"] == {"gre": 1}
+
+
+async def test_udp_while_network_down_is_network_unreachable(
+    front: TunFront, uplink: HostUplink
+) -> None:
+    uplink.down = True
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        # Linux reports a soft error (net unreachable) to UDP only with IP_RECVERR.
+        sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+        await sock.connect((TEST_ADDRESS, 9))
+        await sock.send(b"anyone?")
+        with trio.fail_after(5), pytest.raises(OSError, match="unreachable") as caught:
+            await sock.recv(100)
+    assert caught.value.errno == errno.ENETUNREACH
+    assert front.status()["udp_flows"] == 0
