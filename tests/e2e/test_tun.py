@@ -14,7 +14,7 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,7 @@ class Running:
 
 
 @pytest.fixture
-def netns() -> AsyncIterator[str]:
+def netns() -> Iterator[str]:
     with namespace(resolv_conf=f"nameserver {DEFAULT_PEER}\n") as name, entered(name):
         yield name
 
