@@ -27,7 +27,12 @@ def _setns(fd: int) -> None:
 
 @contextlib.contextmanager
 def entered(name: str) -> Iterator[None]:
-    """Run the calling thread inside namespace `name` for the block."""
+    """Run the calling thread inside namespace `name` for the block.
+
+    A thread started meanwhile would stay in the namespace for good, and trio caches its worker
+    threads: a later test's `trio.to_thread` (or open_process) would run there. So leaving
+    fails if any other thread is in the namespace: keep thread-starting calls out of the block.
+    """
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         target = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
@@ -35,12 +40,26 @@ def entered(name: str) -> Iterator[None]:
             _setns(target)
         finally:
             os.close(target)
+        inside = os.readlink("/proc/thread-self/ns/net")
         try:
             yield
         finally:
             _setns(home)
+        strays = [tid for tid in _threads() if _netns_of(tid) == inside]
+        assert not strays, f"threads {strays} were started inside namespace {name}"
     finally:
         os.close(home)
+
+
+def _threads() -> list[str]:
+    return os.listdir("/proc/self/task")
+
+
+def _netns_of(tid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/task/{tid}/ns/net")
+    except OSError:
+        return None  # the thread ended meanwhile
 
 
 @contextlib.contextmanager

@@ -218,3 +218,18 @@ async def test_uplink_bug_refuses_that_connect_only(
             await connect(TEST_ADDRESS, port)
         assert await echo(port, b"still up") == b"still up"
     assert "tun connect raised" in caplog.text
+
+
+async def test_interface_survives_network_loss(
+    front: TunFront, nursery: trio.Nursery, uplink: HostUplink, netns: str
+) -> None:
+    """While the network is down connects fail fast; the interface stays; then they work."""
+    port = await nursery.start(serve_tcp, echo_handler)
+    with trio.fail_after(10):
+        uplink.down = True
+        with pytest.raises(OSError, match="unreachable"):
+            await connect(TEST_ADDRESS, port)
+        assert link_exists("uc0", netns)
+        uplink.down = False
+        assert await echo(port, b"back") == b"back"
+    assert front.status()["tcp_refused"] == 1
