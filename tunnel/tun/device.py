@@ -33,6 +33,10 @@ IFF_NO_PI: Final = 0x1000
 _IFREQ: Final = struct.Struct("16sH")
 
 
+# IFLA_AF_SPEC / AF_INET6 / IFLA_INET6_ADDR_GEN_MODE = IN6_ADDR_GEN_MODE_NONE (linux/if_link.h)
+_NO_IPV6_ADDRESSES: Final = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}
+
+
 class DeviceError(OSError):
     """The interface could not be made or configured; the message names the step."""
 
@@ -97,12 +101,18 @@ class TunDevice:
     def _configure(self, routes: list[ipaddress.IPv4Network]) -> None:
         c = self.config
         # The modem is IPv4-only: no IPv6 link-local address, router solicitations or MLD
-        # reports to drop. Before the link is up, so none is ever sent.
+        # reports to drop; set before the link is up, so none is ever sent. disable_ipv6 needs
+        # a writable /proc/sys (systemd's ProtectKernelTunables makes it read-only); address
+        # generation "none" over netlink alone already keeps the interface silent.
         _sysctl(f"net/ipv6/conf/{c.name}/disable_ipv6", "1")
         with IPRoute() as ipr:
             with _step(f"{c.name}: set mtu {c.mtu}"):
                 self.index = ipr.link_lookup(ifname=c.name)[0]
                 ipr.link("set", index=self.index, mtu=c.mtu)
+            try:
+                ipr.link("set", index=self.index, IFLA_AF_SPEC=_NO_IPV6_ADDRESSES)
+            except NetlinkError as exc:  # a kernel without IPv6: nothing to keep quiet
+                log.debug("ipv6 address generation not set reason=%s", os.strerror(exc.code))
             with _step(f"{c.name}: add address {c.address} peer {c.peer}"):
                 ipr.addr("add", index=self.index, local=c.address, address=c.peer, prefixlen=32)
             with _step(f"{c.name}: set up"):
@@ -182,4 +192,4 @@ def _sysctl(path: str, value: str) -> None:
     except FileNotFoundError:
         return  # no IPv6 in this kernel: nothing to turn off
     except OSError as exc:
-        log.warning("sysctl not set path=%s reason=%s", path, exc.strerror)
+        log.debug("sysctl not set path=%s reason=%s", path, exc.strerror)

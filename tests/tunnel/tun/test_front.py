@@ -61,6 +61,7 @@ async def test_interface_is_configured(front: TunFront, netns: str) -> None:
     assert "198.18.0.0/15" in routes
     assert "192.0.2.0/24" in routes
     assert ip("-6", "addr", "show", "dev", "uc0", netns=netns).stdout == ""
+    assert "addrgenmode none" in ip("-d", "link", "show", "uc0", netns=netns).stdout
     assert front.info is not None
     assert front.status()["up"] is True
 
