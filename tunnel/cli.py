@@ -16,6 +16,7 @@ from .at.errors import ModemError
 from .config import ConfigError, Settings
 from .daemon import Daemon
 from .serialport import SerialPortError
+from .tun.device import DeviceError
 
 log = logging.getLogger("tunnel")
 
@@ -217,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.debug("settings %s", settings.redacted())
     try:
         trio.run(_run_daemon, Daemon(settings))
-    except (ModemError, SerialPortError) as exc:
+    except (ModemError, SerialPortError, DeviceError) as exc:
         log.error("giving up: %s", exc)
         return 1
     log.info("stopped")

@@ -43,6 +43,13 @@ class Settings:
     connect_wait: float = 5.0
     tun: str = ""
     tun_routes: tuple[str, ...] = ()
+    # Defaults as in tunnel/tun/settings.py (not imported: it would pull in pyroute2).
+    tun_address: str = "10.119.73.1"
+    tun_peer: str = "10.119.73.2"
+    tun_mtu: int = 9000
+    tun_dns: bool = True
+    tun_udp_flows: int = 4
+    tun_udp_idle: float = 60.0
     control: str = "/run/uc20-tunnel/control.sock"
     log_level: str = "info"
     reset_command: str = ""
@@ -174,6 +181,22 @@ def _dns(key: str, v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _ipv4(key: str, v: Any) -> str:
+    text = _str(key, v)
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not an IPv4 address") from None
+
+
+def _tun_routes(key: str, v: Any) -> tuple[str, ...]:
+    routes = _routes(key, v)
+    for route in routes:
+        if ":" in route:
+            raise ConfigError(f"{key}: {route!r} is IPv6; the modem carries IPv4 only")
+    return routes
+
+
 def _device(key: str, v: Any) -> str:
     text = _str(key, v)
     if not text:
@@ -215,7 +238,13 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "dns": _dns,
     "connect_wait": _positive,
     "tun": _tun,
-    "tun_routes": _routes,
+    "tun_routes": _tun_routes,
+    "tun_address": _ipv4,
+    "tun_peer": _ipv4,
+    "tun_mtu": _int_in(576, 65535),
+    "tun_dns": _bool,
+    "tun_udp_flows": _int_in(1, 11),
+    "tun_udp_idle": _positive,
     "control": _device,
     "log_level": _choice(*LOG_LEVELS),
     "reset_command": _str,
@@ -269,6 +298,8 @@ def build(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Setti
         except ConfigError as exc:
             raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
     settings = replace(settings, **merged)
+    if settings.tun_address == settings.tun_peer:
+        raise ConfigError("tun_peer: must differ from tun_address")
     if settings.username and settings.auth == "none":
         logging.getLogger(__name__).warning("config username set with auth=none: not sent")
     return settings

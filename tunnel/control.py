@@ -121,6 +121,7 @@ class _Handler:
                 "lookups": d.dialer.resolver.lookups,
                 "cache_hits": d.dialer.resolver.hits,
             },
+            "tun": d.tun.status() if d.tun is not None else None,
         }
         return out
 

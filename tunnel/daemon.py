@@ -34,6 +34,7 @@ from .services import ModemServices
 from .sockets import SocketPool
 from .startup import Identity, SimError, start_up
 from .supervisor import Supervisor
+from .tun import TunFront, TunSettings
 from .util import single_error
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Daemon:
         self.signal_dbm: int | None = None
         self.needs_human = trio.Event()
         self.sessions = 0
+        self.tun: TunFront | None = None
         self._stop = trio.Event()
         self._announced = False
         # Start-up can take minutes (registration, QIACT): a stop request cuts it short.
@@ -110,6 +112,11 @@ class Daemon:
             self.device, self.socks = device, socks
             if s.control:
                 await nursery.start(self._serve_control, s.control)
+            if s.tun:
+                # Up for the daemon's whole life, like the SOCKS listener: while the modem is
+                # down, connects through the interface are refused after `connect_wait`.
+                self.tun = TunFront(self.dialer, TunSettings.from_settings(s))
+                await nursery.start(self.tun.serve)
             watchdog = sdnotify.watchdog_interval()
             if watchdog is not None:
                 nursery.start_soon(self._watchdog, watchdog)

@@ -77,15 +77,16 @@ class ModemDialer:
                 self._available = trio.Event()
 
     async def _reserve(self) -> tuple[SocketPool, Slot]:
-        pool: SocketPool | None = None
-        with trio.move_on_after(self.connect_wait) as waited:
+        deadline = trio.current_time() + self.connect_wait
+        with trio.move_on_at(deadline):
             await self._available.wait()
-            pool = self.pool
-            assert pool is not None
+        pool = self.pool
+        if pool is None:
+            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+        # A network back just at the deadline still gets its free connectID.
+        with trio.move_on_at(max(deadline, trio.current_time() + 0.1)) as waited:
             slot = await pool.reserve()
-        if waited.cancelled_caught or pool is None:
-            if pool is None:  # still waiting for the network when time ran out
-                raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+        if waited.cancelled_caught:
             raise DialError(
                 ReplyCode.GENERAL_FAILURE,
                 f"all modem connections busy for {self.connect_wait:g} s",

@@ -74,6 +74,18 @@ def _status(a: dict[str, Any]) -> str:
         )
     d = a["dns"]
     lines.append(f"dns: {d['lookups']} lookups, {d['cache_hits']} cache hits")
+    tun = a.get("tun")
+    if tun:
+        refused = ", ".join(f"{k} {v}" for k, v in sorted(tun["refused"].items())) or "none"
+        lines.append(
+            f"tun {tun['name']}: {'up' if tun['up'] else 'down'} {tun['address']} peer "
+            f"{tun['peer']} mtu {tun['mtu']} routes {', '.join(tun['routes']) or 'none'}"
+        )
+        lines.append(
+            f"  nat entries {tun['nat_entries']}, tcp opened {tun['tcp_opened']} refused "
+            f"{tun['tcp_refused']}, up {_size(tun['bytes_up'])} down {_size(tun['bytes_down'])}, "
+            f"udp flows {tun['udp_flows']}, dns queries {tun['dns_queries']}, refused: {refused}"
+        )
     return "\n".join(lines)
 
 

@@ -65,5 +65,6 @@ class Uplink(Protocol):
 
     async def ping(self, host: str, *, wait: int = 1, count: int = 1) -> list[PingReply | None]:
         """AT+QPING: one entry per request (`wait` seconds each, the modem's <timeout>), None
-        for no reply; ResolveError for a bad name."""
+        for no reply; ResolveError for a bad name; tunnel.at.errors.ModemError (ModemGone when
+        the network is down, ServiceError) when the modem cannot ping."""
         ...

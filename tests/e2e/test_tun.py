@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 import trio
 
-import tunnel.daemon
 from tests.helpers import echo_handler, http_handler, receive_all, serve_tcp
 from tests.tunnel.tun.netns import entered, ip, link_exists, namespace
 from tunnel.tun.packet import checksum
@@ -31,14 +30,6 @@ BIN = str(Path(sys.executable).with_name("uc20-tunnel"))
 TEST_ADDRESS = "198.18.0.1"
 MiB = 1024 * 1024
 NO_PROXY_ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/tmp"}
-
-# Until tunnel/daemon.py starts the TUN front, these tests fail fast ("ready" without "tun
-# ready"); they are expected to. Delete this marker with the wiring.
-pytestmark = pytest.mark.xfail(
-    "TunFront" not in Path(tunnel.daemon.__file__).read_text(),
-    reason="tunnel/daemon.py does not start the TUN front yet",
-    strict=True,
-)
 
 
 class LogReader:
