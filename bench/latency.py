@@ -1,20 +1,20 @@
 """SOCKS5 connect latency through the daemon, minus the emulator's QIOPEN time.
 
-    .venv/bin/python bench/latency.py [--connects 200] [--warmup 10]
+    .venv/bin/python bench/latency.py [--connects 200] [--warmup 10] [--host 127.0.0.1]
 
-Sequential SOCKS5 CONNECTs (IPv4 literal, no name lookup) to a loopback listener through the
-daemon (its own process, as in production) on an unthrottled emulator run by this script in a
-child process whose serial stream is tapped. Every connect gets four CLOCK_MONOTONIC times (one
-clock for all processes):
+Sequential SOCKS5 CONNECTs to a loopback listener (by default by IPv4 literal; --host files.test
+sends a name, which the emulator resolves inside QIOPEN) through the daemon, its own process as
+in production, on an unthrottled emulator that this script runs in a child process with its
+serial stream tapped. Each connect gets four CLOCK_MONOTONIC times (one clock for all processes):
   t0  the client has sent the CONNECT request;
   tA  the emulator has read the AT+QIOPEN line from the pty;
   tB  the emulator starts writing `+QIOPEN: <id>,0` to the pty;
   t1  the client has read the whole success reply.
-total = t1 - t0; emulator's QIOPEN time = tB - tA (it includes the emulator's host-socket
-connect to the listener, its "network"); daemon's share = total - (tB - tA), which is what gets
-SUBTRACTED from the total. The daemon's share holds both pty hops, the AT command's write and the
-URC's parse, and the SOCKS parse and reply. The next connect starts once the listener saw the
-previous one closed (the connectID is free again), so connects never wait for a QICLOSE.
+total = t1 - t0. SUBTRACTED: the emulator's QIOPEN time tB - tA (it includes the emulator's
+host-socket connect to the listener, its "network"). daemon's share = total - (tB - tA): both
+pty hops, writing the command and parsing the OK and the URC, the SOCKS parse and reply, and
+the client's own wake-ups. The next connect starts once the listener saw the previous flow
+closed (its connectID is free again), so no connect waits behind a QICLOSE.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class Listener:
         self.sock.close()
 
 
-def connect_once(socks_port, port, listener):
+def connect_once(socks_port, host, port, listener):
     """One CONNECT; returns (t0, t1). Closes with RST so the daemon frees the flow at once."""
     sock = socket.create_connection(("127.0.0.1", socks_port))
     try:
@@ -133,7 +133,7 @@ def connect_once(socks_port, port, listener):
         sock.sendall(b"\x05\x01\x00")
         if recv_exactly(sock, 2) != b"\x05\x00":
             raise RuntimeError("SOCKS greeting refused")
-        request = socks_request("127.0.0.1", port)
+        request = socks_request(host, port)
         t0 = time.monotonic()
         sock.sendall(request)
         reply = recv_socks_reply(sock)
@@ -153,7 +153,7 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def latency(connects=200, warmup=10):
+def latency(connects=200, warmup=10, host="127.0.0.1"):
     """Per-connect (total, emulator, daemon) in seconds, and the time split of the daemon's part."""
     with tempfile.TemporaryDirectory() as d:
         marks_path = Path(d) / "marks.json"
@@ -163,7 +163,7 @@ def latency(connects=200, warmup=10):
         try:
             with tunnel(None, emulator_command=child) as t:
                 for _ in range(warmup + connects):
-                    times.append(connect_once(t.socks_port, listener.port, listener))
+                    times.append(connect_once(t.socks_port, host, listener.port, listener))
         finally:
             listener.close()
         marks = json.loads(marks_path.read_text())
@@ -203,20 +203,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--connects", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--host", default="127.0.0.1", help="CONNECT target: loopback IP or *.test")
     args = ap.parse_args()
     print(f"machine: {machine()}")
-    s = summary(latency(args.connects, args.warmup))
-    print(f"{args.connects} sequential SOCKS5 CONNECTs to 127.0.0.1, unthrottled emulator")
+    s = summary(latency(args.connects, args.warmup, args.host))
+    print(f"{args.connects} sequential SOCKS5 CONNECTs to {args.host}, unthrottled emulator")
 
     def line(label, key):
         med, p95 = s[key]
-        print(f"  {label:58} median {med:6.3f} ms  p95 {p95:6.3f} ms")
+        print(f"  {label:62} median {med:6.3f} ms  p95 {p95:6.3f} ms")
 
     line("total: request sent -> success reply read", "total")
-    line("emulator's QIOPEN time (AT+QIOPEN read -> URC written)", "emulator")
-    line("daemon's share = total - emulator's QIOPEN time", "daemon")
+    line("emulator's QIOPEN time (AT+QIOPEN read -> URC write)", "emulator")
+    line("daemon's share = total - emulator's QIOPEN time (subtracted)", "daemon")
     line("  of which request sent -> AT+QIOPEN read by the emulator", "daemon_in")
-    line("  of which +QIOPEN URC written -> reply read by the client", "daemon_out")
+    line("  of which +QIOPEN URC write -> reply read by the client", "daemon_out")
     verdict = "met" if s["daemon"][0] <= TARGET_MS else "MISSED"
     print(f"target: daemon's share <= {TARGET_MS:g} ms (median): {verdict}")
 

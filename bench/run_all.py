@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import subprocess
 import sys
 import time
 import traceback
@@ -97,10 +98,10 @@ def fair(args):
         f"{sum_line:.3f} of line | ≥ 0.8 |"
     )
     progress("fairness: 12 x 8 MiB unthrottled")
-    rates, *_ = fairness.run_flows(None, 12, 8 * MiB)
+    rates, _, _, cpu = fairness.run_flows(None, 12, 8 * MiB)
     out.append(
         f"| 8 MiB each, unthrottled | {min(rates) / max(rates):.3f} | "
-        f"{sum(rates) / 1e6:.1f} MB/s | ≥ 0.8 |"
+        f"{sum(rates) / 1e6:.1f} MB/s (daemon {cpu:.4f} CPU-s/MB) | ≥ 0.8 |"
     )
     return out
 
@@ -129,6 +130,22 @@ PARTS = {
 }
 
 
+def revision():
+    """The commit measured, and whether the tree differs from it outside bench/ (other work in
+    progress is measured too: the package is installed editable)."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench")
+    return f"commit {head}" + (
+        f" + uncommitted changes in {len(dirty.splitlines())} files" if dirty else ""
+    )
+
+
 def progress(text):
     print(f"[{time.strftime('%H:%M:%S')} load {loadavg()}] {text}", file=sys.stderr, flush=True)
 
@@ -141,7 +158,7 @@ def main():
     ap.add_argument("--mib", type=float, default=32.0, help="unthrottled download size")
     args = ap.parse_args()
     started = time.monotonic()
-    load0 = loadavg()
+    load0, rev = loadavg(), revision()
     sections = []
     for name, (title, part) in PARTS.items():
         if name in args.skip:
@@ -153,7 +170,9 @@ def main():
             lines = [f"FAILED: {type(exc).__name__}: {exc}"]
         sections.append((title, lines))
     today = datetime.date.today().isoformat()
-    print(f"Machine: {machine()}; {today}; load average {load0} at start, {loadavg()} at end;")
+    print(
+        f"Machine: {machine()}; {today}; {rev}; load average {load0} at start, {loadavg()} at end;"
+    )
     print(f"run_all.py took {time.monotonic() - started:.0f} s.")
     for title, lines in sections:
         print(f"\n**{title}**\n")

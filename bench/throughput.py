@@ -4,10 +4,11 @@
                                          [--down-mib 1] [--up-mib 0.5] [--fast-mib 32]
 
 Link efficiency is goodput divided by the line rate (baud/10 bytes per second: 8N1).
-- Download: the bench's own SOCKS client counts the body bytes that arrived after its first body
-  read, over the time after that read. Neither the CONNECT nor the first read's line time is in
-  it, so it is exact whatever the read size. The push framing limit is 1460 payload bytes per
-  1487-byte `+QIURC: "recv",<id>,1460` frame = 0.982.
+- Download: the bench's own SOCKS client times every read; goodput is the slope of a
+  least-squares line through (time, body bytes received) from 5% to 95% of the body (see
+  `common.Download.goodput`), so neither the CONNECT nor the transfer's ends are in it and the
+  ~10 ms granularity of the paced line averages out. The push framing limit is 1460 payload
+  bytes per 1487-byte `+QIURC: "recv",<id>,1460` frame = 0.982.
 - Upload: curl's PUT size over the time from connection set-up to the server's answer (so that
   answer's trip back through the link is included, a slight underestimate).
 With --seconds, each direction moves about that many seconds of line time at every baud rate
