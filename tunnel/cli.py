@@ -15,8 +15,6 @@ from . import config, control, render
 from .at.errors import ModemError
 from .config import ConfigError, Settings
 from .daemon import Daemon
-from .serialport import SerialPortError
-from .tun.device import DeviceError
 
 log = logging.getLogger("tunnel")
 
@@ -190,6 +188,19 @@ def _client(args: argparse.Namespace) -> int:
     return 0 if answer.get("ok") else 1
 
 
+def _expected_failures(exc: BaseException) -> list[BaseException] | None:
+    """The leaves of `exc` when all are failures the daemon reports plainly; else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        for inner in exc.exceptions:
+            found = _expected_failures(inner)
+            if found is None:
+                return None
+            leaves += found
+        return leaves
+    return [exc] if isinstance(exc, ModemError | OSError) else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("status", "ping", "ntp", "resolve"):
@@ -218,8 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.debug("settings %s", settings.redacted())
     try:
         trio.run(_run_daemon, Daemon(settings))
-    except (ModemError, SerialPortError, DeviceError) as exc:
-        log.error("giving up: %s", exc)
+    except (ModemError, OSError, BaseExceptionGroup) as exc:
+        # OSError: a taken SOCKS port, a TUN device that cannot be made (tun.DeviceError), ...
+        reasons = _expected_failures(exc)
+        if reasons is None:
+            raise
+        for reason in reasons:
+            log.error("giving up: %s", reason)
         return 1
     log.info("stopped")
     return 0

@@ -7,7 +7,6 @@ The UC20 cannot half-close: send_eof waits for the acks, then the stream ends af
 quiet linger and closing sends AT+QICLOSE (a FIN).
 """
 
-import contextlib
 import logging
 from collections import deque
 from typing import TYPE_CHECKING, Final
@@ -54,7 +53,6 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         # Buffer access mode: data waits in the modem (see module docstring).
         self._mode = ACCESS_PUSH
         self._switching = False
-        self._notify_seen = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = trio.current_time()
@@ -78,7 +76,6 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._pool._request_switch(self)
 
     def _notified(self) -> None:
-        self._notify_seen = True
         self._wake()
 
     def _remote_closed(self) -> None:
@@ -121,43 +118,38 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._switching = False
             self._wake()
 
-    async def _refill(self) -> None:
-        """Buffer mode, local buffer empty: read what the modem holds, or go back to push."""
-        modem = self._pool.modem
-        self._notify_seen = False
-        if await self._read_held():
-            return
-        # The modem's buffer is empty: resume direct push.
-        try:
-            await modem.command(at.qiswtmd(self.connect_id, ACCESS_PUSH))
-        except CommandError:
-            if not self._eof:
-                raise
-        self._mode = ACCESS_PUSH
-        log.debug("flow resumed (push mode) id=%d", self.connect_id)
-        if self._notify_seen:
-            # Data reached the modem between the empty read and the switch. A modem that
-            # pushes it on the switch leaves nothing here; one that keeps it gives it to QIRD.
-            self._notify_seen = False
-            with contextlib.suppress(CommandError):
-                late = await modem.command(at.qird(self.connect_id))
-                if late.data:
-                    self._rx.append(late.data)
-                    self._rx_len += len(late.data)
+    async def _resume_push(self) -> None:
+        """Buffer mode and the consumer has drained our buffer: back to direct push at once.
 
-    async def _read_held(self) -> bool:
-        """One AT+QIRD into the local buffer; False when the modem had nothing."""
-        try:
-            response = await self._pool.modem.command(at.qird(self.connect_id))
-        except CommandError as exc:
-            if self._eof:
-                return False  # closed and already drained: receive_some ends the stream
-            raise trio.BrokenResourceError(f"read failed: {exc}") from exc
-        if not response.data:
-            return False
-        self._rx.append(response.data)
-        self._rx_len += len(response.data)
-        return True
+        We rely on the reading of 2.9 (and 1.2: in direct push mode received data "will be
+        outputted to COM port directly") that a switch to push mode pushes out what the modem
+        held, in order, before anything newer: the serial stream then stays the single order.
+        Switching back as soon as the consumer catches up, not once the modem is empty,
+        matters: a fast server keeps the modem's buffer full, and a flow read 1500 bytes per
+        AT+QIRD would stay slow for good. Once the peer has closed, nothing newer can come:
+        the rest is read out with AT+QIRD, which is in order under any reading.
+        """
+        modem = self._pool.modem
+        if not self._eof:
+            try:
+                await modem.command(at.qiswtmd(self.connect_id, ACCESS_PUSH))
+            except CommandError:
+                if not self._eof:
+                    raise
+            else:
+                self._mode = ACCESS_PUSH
+                log.debug("flow resumed (push mode) id=%d", self.connect_id)
+                return
+        while True:
+            try:
+                response = await modem.command(at.qird(self.connect_id))
+            except CommandError:
+                break  # closed and gone: nothing more to read
+            if not response.data:
+                break
+            self._rx.append(response.data)
+            self._rx_len += len(response.data)
+        self._mode = ACCESS_PUSH  # nothing held in the modem any more
 
     # --- trio stream API --------------------------------------------------------------------
 
@@ -178,7 +170,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                     raise trio.BrokenResourceError(self._failure)
                 if self._mode == ACCESS_BUFFER and not self._switching:
                     try:
-                        await self._refill()
+                        await self._resume_push()
                     except ModemError as exc:
                         raise trio.BrokenResourceError(str(exc)) from exc
                     continue

@@ -92,3 +92,20 @@ def test_bad_config_names_key_and_line(tmp_path: Path) -> None:
     done = subprocess.run([BIN, "run", "--config", str(cfg)], capture_output=True, text=True)
     assert done.returncode == 2
     assert f"{cfg}:3: unknown key 'socks_port'" in done.stderr
+
+
+def test_taken_socks_port_is_a_plain_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [BIN, "run", "--emulate", "--socks", f"127.0.0.1:{port}", "--config", "/dev/null",
+             "--control", str(tmp_path / "c")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert done.returncode == 1
+    assert "giving up: [Errno 98] Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr

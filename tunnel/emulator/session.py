@@ -182,10 +182,20 @@ class Session:
 
     def deliver(self, conn: Conn, data: bytes, ip: str = "", port: int = 0) -> None:
         """Data arrived on a host socket: push it, or buffer it and notify once (2.16.2)."""
+        if conn.closed_reported:
+            # A read already in flight when the far end was cut off (remote_close fault):
+            # after "closed" nothing may follow.
+            log.debug("data after close dropped id=%d len=%d", conn.connect_id, len(data))
+            return
         conn.rx_total += len(data)
         if conn.access == ACCESS_PUSH and not conn.rx_buffered:
             conn.rx_read += len(data)
-            self.put(self.push_frame(conn, data, ip, port))
+            if conn.is_udp:
+                self.put(self.push_frame(conn, data, ip, port))
+                return
+            # A read sized for buffer mode can land after a switch to push: frames stay <= 1460.
+            for start in range(0, len(data), MAX_SEND_LEN):
+                self.put(self.push_frame(conn, data[start : start + MAX_SEND_LEN], ip, port))
             return
         conn.buffer(data, ip, port)
         if not conn.notified:
