@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 only.
 import contextlib
 import hashlib
 import ipaddress
+import re
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -123,3 +124,26 @@ async def receive_all(stream: trio.abc.ReceiveStream) -> bytes:
     while chunk := await stream.receive_some(65536):
         parts.append(chunk)
     return b"".join(parts)
+
+
+class LogReader:
+    """A process's log as it comes: wait for a line matching a pattern, never sleep."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self.stream = stream
+        self.text = ""
+
+    async def wait_for(self, pattern: str) -> re.Match[str]:
+        while True:
+            m = re.search(pattern, self.text)
+            if m:
+                return m
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                raise AssertionError(f"process ended before {pattern!r}:\n{self.text}")
+            self.text += chunk.decode(errors="replace")
+
+    async def rest(self) -> str:
+        while chunk := await self.stream.receive_some(65536):
+            self.text += chunk.decode(errors="replace")
+        return self.text

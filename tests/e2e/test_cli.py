@@ -1,6 +1,5 @@
 """The installed command: `uc20-tunnel run --emulate` serves, curl works, SIGTERM exits 0."""
 
-import re
 import signal
 import subprocess
 import sys
@@ -9,30 +8,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.helpers import http_handler, serve_tcp
+from tests.helpers import LogReader, http_handler, serve_tcp
 
 BIN = str(Path(sys.executable).with_name("uc20-tunnel"))
-
-
-class LogReader:
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.text = ""
-
-    async def wait_for(self, pattern: str) -> re.Match[str]:
-        while True:
-            m = re.search(pattern, self.text)
-            if m:
-                return m
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise AssertionError(f"process ended before {pattern!r}:\n{self.text}")
-            self.text += chunk.decode(errors="replace")
-
-    async def rest(self) -> str:
-        while chunk := await self.stream.receive_some(65536):
-            self.text += chunk.decode(errors="replace")
-        return self.text
 
 
 async def test_run_emulate_serves_curl_then_sigterm_exits_zero(nursery, tmp_path: Path) -> None:

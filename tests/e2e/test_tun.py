@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import echo_handler, http_handler, receive_all, serve_tcp
+from tests.helpers import LogReader, echo_handler, http_handler, receive_all, serve_tcp
 from tests.tunnel.tun.netns import entered, ip, link_exists, namespace
 from tunnel.tun.packet import checksum
 from tunnel.tun.settings import DEFAULT_PEER
@@ -30,27 +30,6 @@ BIN = str(Path(sys.executable).with_name("uc20-tunnel"))
 TEST_ADDRESS = "198.18.0.1"
 MiB = 1024 * 1024
 NO_PROXY_ENV = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": "/tmp"}
-
-
-class LogReader:
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self.stream = stream
-        self.text = ""
-
-    async def wait_for(self, pattern: str) -> re.Match[str]:
-        while True:
-            m = re.search(pattern, self.text)
-            if m:
-                return m
-            chunk = await self.stream.receive_some(65536)
-            if not chunk:
-                raise AssertionError(f"daemon ended before {pattern!r}:\n{self.text}")
-            self.text += chunk.decode(errors="replace")
-
-    async def rest(self) -> str:
-        while chunk := await self.stream.receive_some(65536):
-            self.text += chunk.decode(errors="replace")
-        return self.text
 
 
 @dataclass
