@@ -71,6 +71,15 @@ class TunFront:
         self._udp: UdpRelay | None = None
         self._dns: DnsResponder | None = None
         self._pings = 0
+        self._changed = trio.Event()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        """Until a NAT entry or a UDP mapping goes: lets a watcher wait instead of polling."""
+        await self._changed.wait()
 
     def status(self) -> dict[str, Any]:
         """For the status command: configuration, live table sizes, counters."""
@@ -106,8 +115,10 @@ class TunFront:
             self._device, self._nat = device, nat
             async with trio.open_nursery() as nursery:
                 write = device.write
-                self._splicer = TcpSplicer(self.uplink, nat, write, s, self.counters, nursery)
-                self._udp = UdpRelay(self.uplink, write, s, self.counters, nursery)
+                self._splicer = TcpSplicer(
+                    self.uplink, nat, write, s, self.counters, nursery, self._touch
+                )
+                self._udp = UdpRelay(self.uplink, write, s, self.counters, nursery, self._touch)
                 if s.dns:
                     self._dns = DnsResponder(
                         self.uplink, write, s.peer_bytes, self.counters, nursery

@@ -68,6 +68,7 @@ class TcpSplicer:
         settings: TunSettings,
         counters: Counters,
         nursery: trio.Nursery,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.uplink = uplink
         self.nat = nat
@@ -75,6 +76,7 @@ class TcpSplicer:
         self.settings = settings
         self.counters = counters
         self.nursery = nursery
+        self.on_change = on_change  # the NAT table shrank (status watchers wait on it)
 
     def dial(self, entry: Entry) -> None:
         """A new entry (the NAT said DIAL): open its modem flow and serve it."""
@@ -88,7 +90,9 @@ class TcpSplicer:
             if isinstance(entry.owner, Flow):
                 entry.owner.ready.set()
                 entry.owner.gone.set()
-        self.nat.removed.clear()
+        if self.nat.removed:
+            self.nat.removed.clear()
+            self.on_change()
 
     async def accept_loop(self, listener: trio.socket.SocketType) -> None:
         peer = self.settings.peer

@@ -69,12 +69,14 @@ class UdpRelay:
         settings: TunSettings,
         counters: Counters,
         nursery: trio.Nursery,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.uplink = uplink
         self.write = write
         self.settings = settings
         self.counters = counters
         self.nursery = nursery
+        self.on_change = on_change  # a mapping went (status watchers wait on it)
         self.mappings: OrderedDict[Endpoint, _Mapping] = OrderedDict()  # oldest use first
 
     def __len__(self) -> int:
@@ -138,6 +140,7 @@ class UdpRelay:
         finally:
             if self.mappings.get(mapping.endpoint) is mapping:
                 del self.mappings[mapping.endpoint]
+                self.on_change()
             dropped = mapping.inbox.statistics().current_buffer_used
             self.counters.udp_dropped += dropped
             mapping.inbox.close()

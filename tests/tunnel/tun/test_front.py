@@ -17,11 +17,11 @@ from tunnel.tun.packet import checksum
 MiB = 1024 * 1024
 
 
-async def until(condition, what: str) -> None:
-    """Wait for a condition only the kernel's timing decides (a closing handshake, an idle
-    timeout), checking every few milliseconds; the caller's fail_after bounds it."""
-    while not condition():  # noqa: ASYNC110 - the kernel's timing, no event to wait on
-        await trio.sleep(0.005)
+async def until(front: TunFront, condition, what: str) -> None:
+    """Wait for a table to shrink: the front says when it does; the caller's fail_after bounds
+    the wait."""
+    while not condition():
+        await front.wait_changed()
     assert condition(), what
 
 
@@ -88,7 +88,7 @@ async def test_half_close_both_ways_and_entries_go(
     data = random.Random(2).randbytes(700_000)
     with trio.fail_after(20):
         assert await echo(port, data) == data
-        await until(lambda: front.status()["nat_entries"] == 0, "entry removed after close")
+        await until(front, lambda: front.status()["nat_entries"] == 0, "entry removed after close")
     assert uplink.tcp_opens == [(TEST_ADDRESS, port)]
 
 
@@ -104,7 +104,7 @@ async def test_twelve_parallel_flows(front: TunFront, nursery: trio.Nursery) -> 
         async with trio.open_nursery() as flows:
             for i in range(12):
                 flows.start_soon(one, i)
-        await until(lambda: front.status()["nat_entries"] == 0, "all entries removed")
+        await until(front, lambda: front.status()["nat_entries"] == 0, "all entries removed")
     assert all(results[i] == blobs[i] for i in range(12))
     assert front.status()["tcp_opened"] == 12
 
