@@ -61,10 +61,12 @@ class Response:
 
 
 class _Pending:
-    __slots__ = ("command", "done", "final", "prompt", "response")
+    __slots__ = ("command", "data", "done", "final", "prompt", "response", "written")
 
-    def __init__(self, command: Command) -> None:
+    def __init__(self, command: Command, data: bytes | None = None) -> None:
         self.command = command
+        self.data = data  # QISEND payload, written when the prompt comes
+        self.written = 0
         self.response = Response()
         self.final: Event | ModemError | None = None
         self.prompt = False
@@ -187,7 +189,7 @@ class Modem:
             # Known hung: fail at once instead of another full timeout; only the supervisor's
             # own commands (reboot, probes: hang_signal=False) still go to the modem.
             raise CommandTimeout(cmd.name, 0)
-        pending = _Pending(cmd)
+        pending = _Pending(cmd, data)
         self._pending = pending
         self._parser.command_sent(cmd.expect)
         self.stats.commands += 1
@@ -197,8 +199,9 @@ class Modem:
                 await self._write(cmd.line + b"\r")
                 await pending.done.wait()
                 if data is not None and pending.prompt and pending.final is None:
+                    # The reader could not hand all of it to the tty at the prompt.
                     pending.done = trio.Event()
-                    await self._write(data)
+                    await self._write(data[pending.written :])
                     log.debug("at > data len=%d", len(data))
                     if pending.final is None:
                         await pending.done.wait()
@@ -309,9 +312,23 @@ class Modem:
         self.last_answer = trio.current_time()
 
     def _on_prompt(self, event: Prompt) -> None:
-        if self._pending is not None:
-            self._pending.prompt = True
-            self._pending.done.set()
+        pending = self._pending
+        if pending is None:
+            return
+        pending.prompt = True
+        data = pending.data
+        if data is not None and self._fd >= 0:
+            # Hot path: hand the payload to the tty right here, with one non-blocking write,
+            # instead of waking the sender for it; the sender then sleeps on until SEND OK.
+            # Never blocks: what the tty does not take now, the sender writes.
+            try:
+                pending.written = os.write(self._fd, data)
+            except OSError:
+                pending.written = 0  # the sender's own write reports the error
+            self.stats.bytes_out += pending.written
+            if pending.written == len(data):
+                return
+        pending.done.set()
 
     def _on_ready(self, event: Ready) -> None:
         self.stats.reboots_seen += 1
