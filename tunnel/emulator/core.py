@@ -203,6 +203,8 @@ class Emulator:
                     await self._run_session(line)
         except* (LineClosed, trio.BrokenResourceError, trio.ClosedResourceError):
             log.info("serial line closed")
+        finally:
+            line.close()
 
     async def _run_timed(self, fault: TimedFault) -> None:
         await trio.sleep(fault.delay)

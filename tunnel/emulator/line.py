@@ -11,11 +11,16 @@ This module knows nothing about AT commands; it must never look inside a frame.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
+import time
 from collections import deque
 from typing import Final
 
 import trio
+import trio.testing
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,74 @@ INPUT_SLACK: Final = 0.001
 # that much early centres the error on zero; the virtual clocks stay exact, so the long-run rate
 # is unchanged and only the per-turnaround bias goes away.
 TIMER_LATENCY: Final = 0.0006
+# A timerfd wakes within ~0.1 ms (hrtimer plus the scheduler), so it aims only that much early.
+TIMERFD_LATENCY: Final = 0.0001
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [
+        ("interval_sec", ctypes.c_long),
+        ("interval_nsec", ctypes.c_long),
+        ("value_sec", ctypes.c_long),
+        ("value_nsec", ctypes.c_long),
+    ]
+
+
+_CLOCK_MONOTONIC: Final = 1
+_TFD_TIMER_ABSTIME: Final = 1
+_TFD_CLOEXEC: Final = 0o2000000
+
+
+class LineTimer:
+    """Sleeps until a trio deadline to within ~0.1 ms.
+
+    A UART hands over a reply when its last byte arrives; trio's own timers round every wait up
+    to whole milliseconds (epoll), which would add up to 1 ms to each turnaround of a QISEND
+    exchange — a modem slower than the line it emulates. A Linux timerfd (no wrapper before
+    Python 3.13, hence ctypes) wakes on time; elsewhere, or under a non-real-time trio clock,
+    this falls back to trio.sleep_until aimed TIMER_LATENCY early.
+    """
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._settime = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | _TFD_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd >= 0:
+            self._fd = fd
+            self._settime = libc.timerfd_settime
+
+    async def sleep_until(self, deadline: float) -> None:
+        if self._fd < 0 or isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock):
+            await trio.sleep_until(deadline - TIMER_LATENCY)
+            return
+        target = deadline - TIMERFD_LATENCY
+        delay = target - trio.current_time()
+        if delay <= 0:
+            await trio.lowlevel.checkpoint()
+            return
+        # trio's clock runs on CLOCK_MONOTONIC (perf_counter), offset: translate the deadline.
+        when = time.monotonic() + delay
+        sec = int(when)
+        spec = _Itimerspec(0, 0, sec, int((when - sec) * 1e9))
+        if self._settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            await trio.sleep_until(deadline - TIMER_LATENCY)
+            return
+        # Re-arming resets the expiry count, so a wake-up left over from a cancelled sleep
+        # cannot end this one early; the loop covers a spurious readiness anyway.
+        while trio.current_time() < target:
+            await trio.lowlevel.wait_readable(self._fd)
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._fd, 8)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            trio.lowlevel.notify_closing(self._fd)
+            os.close(self._fd)
+            self._fd = -1
 
 
 def frame(line: str | bytes) -> bytes:
@@ -73,8 +146,17 @@ class SerialLine:
             # ~10 ms of line time per write keeps the receiver's view smooth.
             self._chunk = max(1, int(self.rate / 100))
             self._read_size = self._chunk
+        # One per direction: the writer and the reader sleep at the same time.
+        self._write_timer = LineTimer() if self.rate is not None else None
+        self._read_timer = LineTimer() if self.rate is not None else None
         self.bytes_in = 0
         self.bytes_out = 0
+
+    def close(self) -> None:
+        """Release the pacing timers (the line's tasks have ended)."""
+        for timer in (self._write_timer, self._read_timer):
+            if timer is not None:
+                timer.close()
 
     # -- output -------------------------------------------------------------------------------
 
@@ -175,7 +257,8 @@ class SerialLine:
                 # wake-up must not stretch the line time of a continuous stream.
                 start = self._next_free if now - self._next_free <= INPUT_SLACK else now
                 self._next_free = start + len(data) / self.rate
-                await trio.sleep_until(self._next_free - TIMER_LATENCY)
+                assert self._write_timer is not None
+                await self._write_timer.sleep_until(self._next_free)
             await self._stream.send_all(data)
             self.bytes_out += len(data)
             self._in_flight = 0
@@ -198,6 +281,7 @@ class SerialLine:
             now = trio.current_time()
             start = self._in_time if now - self._in_time <= INPUT_SLACK else now
             self._in_time = start + len(data) / self.rate
-            await trio.sleep_until(self._in_time - TIMER_LATENCY)
+            assert self._read_timer is not None
+            await self._read_timer.sleep_until(self._in_time)
         self.bytes_in += len(data)
         return bytes(data)
