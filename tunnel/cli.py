@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _fault_help() -> str:
     try:
-        from .emulator import FAULT_SPECS
+        from .emulator.faults import FAULT_SPECS
     except ImportError:  # pragma: no cover - the emulator ships with the package
         return "fault to inject"
     return str(FAULT_SPECS)

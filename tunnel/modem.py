@@ -296,12 +296,12 @@ class Modem:
                     except BlockingIOError:
                         continue
                 else:
-                    data = await self._stream.receive_some(READ_SIZE)
+                    data = bytes(await self._stream.receive_some(READ_SIZE))
                 if not data:
                     self._set_gone(ModemGone("port closed (EOF)"))
                     return
                 stats.bytes_in += len(data)
-                parser.receive_data(bytes(data))
+                parser.receive_data(data)
                 while (event := parser.next_event()) is not NEED_DATA:
                     dispatch(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
