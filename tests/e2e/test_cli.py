@@ -87,3 +87,17 @@ def test_taken_socks_port_is_a_plain_error(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "giving up: [Errno 98] Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_daemon_on_a_real_modem_does_not_load_the_emulator() -> None:
+    # The emulator (and trio.testing, 9.5 MiB) stays out of a daemon that never emulates: the
+    # CLI's --help only reads the fault grammar.
+    probe = (
+        "import sys; from tunnel import cli, daemon; cli._parser(); "
+        "print(sorted(m for m in sys.modules if m.startswith('tunnel.emulator.') "
+        "or m == 'trio.testing'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['tunnel.emulator.faults']"
