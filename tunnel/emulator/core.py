@@ -28,7 +28,7 @@ from tunnel.emulator.faults import FaultControl, Settings, TimedFault, fire, par
 from tunnel.emulator.general import Handler
 from tunnel.emulator.line import SerialLine, frame
 from tunnel.emulator.params import INVALID_PARAMETERS, CmdError, parse_command, split_line
-from tunnel.emulator.session import SIM_READY, SendJob, Session
+from tunnel.emulator.session import HISTORY, SIM_READY, SendJob, Session
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,10 @@ class Stats:
 
     def __init__(self, emulator: Emulator) -> None:
         self._emu = emulator
-        self.commands: list[str] = []  # every AT command line received, in order, no CR
-        self.dialled: list[tuple[str, str, int]] = []  # (service, host address, port)
+        # Every AT command line received (no CR) and every dial (service, host address, port),
+        # in order; the latest HISTORY of each are kept.
+        self.commands: list[str] = []
+        self.dialled: list[tuple[str, str, int]] = []
         self.boots = 0  # completed boot sequences (RDY emitted)
 
     @property
@@ -299,7 +301,10 @@ class Emulator:
             buf.clear()
 
     def _record(self, text: str) -> None:
-        self.stats.commands.append(text)
+        commands = self.stats.commands
+        commands.append(text)
+        if len(commands) > 2 * HISTORY:
+            del commands[:-HISTORY]
         self._notify()
 
     async def _process(self, s: Session, buf: bytearray) -> None:

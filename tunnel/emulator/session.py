@@ -46,6 +46,10 @@ SIM_PIN: Final = "SIM PIN"
 SIM_PUK: Final = "SIM PUK"
 SIM_ABSENT: Final = "NOT INSERTED"
 
+# Stats keep the latest this many command lines and dials (up to twice as many between trims):
+# `run --emulate` may serve for months, and uploads cost one command per 1460 bytes.
+HISTORY: Final = 100_000
+
 
 @dataclass
 class SendJob:
@@ -160,7 +164,10 @@ class Session:
         return f"{head}.{(int(last) + ctx - 1) % 256}"
 
     def note_dial(self, proto: str, host: str, port: int) -> None:
-        self.emu.stats.dialled.append((proto, host, port))
+        dialled = self.emu.stats.dialled
+        dialled.append((proto, host, port))
+        if len(dialled) > 2 * HISTORY:
+            del dialled[:-HISTORY]
 
     # -- sockets ---------------------------------------------------------------------------
 

@@ -256,3 +256,15 @@ def test_logged_commands_hide_pins_and_credentials() -> None:
     assert redact('AT+CPIN="1234"') == 'AT+CPIN="***"'
     assert redact('AT+QICSGP=1,1,"apn","user","secret",2') == ('AT+QICSGP=1,1,"***","***","***",2')
     assert redact('AT+QIOPEN=1,0,"TCP","a.test",80') == 'AT+QIOPEN=1,0,"TCP","a.test",80'
+
+
+async def test_command_history_is_bounded(start_modem, monkeypatch) -> None:
+    monkeypatch.setattr("tunnel.emulator.core.HISTORY", 5)
+    emulator, host = await start_modem()
+    with trio.fail_after(5):
+        for i in range(30):
+            await host.send(b"AT+CSQ\r" if i % 2 else b"AT\r")
+            await host.until_final()
+    commands = emulator.stats.commands
+    assert len(commands) <= 10
+    assert commands[-2:] == ["AT", "AT+CSQ"]
