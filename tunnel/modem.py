@@ -202,9 +202,12 @@ class Modem:
             raise CommandError(cmd.name, code, text)
 
     async def _exchange(self, cmd: Command, data: bytes | None = None) -> _Pending:
-        if self._gone is not None:
-            raise self._gone
-        if cmd.hang_signal and self.unresponsive.is_set():
+        if self._gone is not None or (cmd.hang_signal and self.unresponsive.is_set()):
+            # Failing without touching the modem must still yield (`_acquire` may not have):
+            # a caller retrying in a loop would otherwise starve every other task.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._gone is not None:
+                raise self._gone
             # Known hung: fail at once instead of another full timeout; only the supervisor's
             # own commands (reboot, probes: hang_signal=False) still go to the modem.
             raise CommandTimeout(cmd.name, 0)

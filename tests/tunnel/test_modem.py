@@ -221,6 +221,27 @@ async def test_port_eof_fails_pending_and_later_commands(pair) -> None:
             await modem.command(at.at())
 
 
+async def test_failing_without_the_modem_still_yields(pair) -> None:
+    # A caller that retries on a gone modem must not starve the other tasks.
+    modem, peer = pair
+    await peer.stream.aclose()
+    with trio.fail_after(5):
+        await modem.closed.wait()
+        other_ran = trio.Event()
+
+        async def other() -> None:
+            other_ran.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            for _ in range(100):
+                if other_ran.is_set():
+                    break
+                with pytest.raises(ModemGone):
+                    await modem.command(at.at())
+            assert other_ran.is_set()
+
+
 async def test_commands_never_overlap(pair) -> None:
     modem, peer = pair
     results: list[int] = []
