@@ -264,8 +264,10 @@ class SocketPool:
             slot.move(SlotState.CLOSING)
         try:
             if not skip_command and self.modem.alive:
-                with trio.move_on_after(TIMEOUTS["QICLOSE"] + 5):
-                    await self.modem.command(at.qiclose(slot.connect_id))
+                close = at.qiclose(slot.connect_id)
+                # The command bounds itself once written; this bounds the wait for our turn.
+                with trio.move_on_after(close.timeout + 5):
+                    await self.modem.command(close)
         except ModemError as exc:
             log.warning("close failed id=%d reason=%s", slot.connect_id, exc)
         finally:

@@ -266,9 +266,25 @@ async def _csq(modem: Modem, results: list[int], i: int) -> None:
 async def test_a_hung_modem_fails_further_commands_at_once(pair, autojump_clock) -> None:
     modem, _peer = pair
     with pytest.raises(CommandTimeout):
-        await modem.command(at.qiclose(0))  # the manual's 10 s limit (2.5)
+        await modem.command(at.qiclose(0))  # the manual's 10 s (2.5), and our slack
     assert modem.unresponsive.is_set()
     start = trio.current_time()
     with pytest.raises(CommandTimeout):
         await modem.command(at.csq())
     assert trio.current_time() == start  # no second wait for a modem known to be hung
+
+
+async def test_a_close_that_takes_the_modems_full_10_s_is_not_a_hang(pair, autojump_clock) -> None:
+    # 2.5: the modem may wait up to 10 s (for unacked data) before its OK; with the line's
+    # latency on top, that must not read as a hung modem (which would reboot it).
+    modem, peer = pair
+    async with trio.open_nursery() as nursery:
+
+        async def slow_modem() -> None:
+            await peer.expect(b"AT+QICLOSE=3\r")
+            await trio.sleep(10.5)
+            await peer.send(b"\r\nOK\r\n")
+
+        nursery.start_soon(slow_modem)
+        await modem.command(at.qiclose(3))
+    assert not modem.unresponsive.is_set()
