@@ -2,7 +2,8 @@
 
 Send: AT+QISEND=<id>,<n> per 1460 bytes (2.7), retrying SEND FAIL. Receive: push frames the serial
 reader hands over (never blocking it); past RX_HIGH_WATER the pool switches the connectID to
-buffer access mode and receive_some drains the modem with AT+QIRD, back to push once it is empty.
+buffer access mode, and once the consumer has caught up receive_some switches back to push and
+reads out with AT+QIRD whatever the modem still holds (see `_resume_push`).
 The UC20 cannot half-close: send_eof waits for the acks, then the stream ends after the peer's
 quiet linger and closing sends AT+QICLOSE (a FIN).
 """
@@ -53,6 +54,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         # Buffer access mode: data waits in the modem (see module docstring).
         self._mode = ACCESS_PUSH
         self._switching = False
+        # While a switch back to push mode reads out what the modem held: newer push frames.
+        self._held_back: list[bytes] | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
         self.opened_at = trio.current_time()
@@ -61,11 +64,17 @@ class ModemSocket(trio.abc.HalfCloseableStream):
     # --- called from the serial reader ------------------------------------------------------
 
     def _deliver(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
-        self._rx.append(data)
-        self._rx_len += len(data)
         if self._write_closed:
             self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
+        if self._held_back is not None:
+            self._held_back.append(data)  # after what the modem still holds (_resume_push)
+            return
+        self._rx.append(data)
+        self._rx_len += len(data)
         self._wake()
+        self._check_high_water()
+
+    def _check_high_water(self) -> None:
         if (
             self._rx_len > RX_HIGH_WATER
             and self._mode == ACCESS_PUSH
@@ -119,37 +128,73 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._wake()
 
     async def _resume_push(self) -> None:
-        """Buffer mode and the consumer has drained our buffer: back to direct push at once.
+        """Buffer mode and the consumer has drained our buffer: back to direct push.
 
-        We rely on the reading of 2.9 (and 1.2: in direct push mode received data "will be
-        outputted to COM port directly") that a switch to push mode pushes out what the modem
-        held, in order, before anything newer: the serial stream then stays the single order.
-        Switching back as soon as the consumer catches up, not once the modem is empty,
-        matters: a fast server keeps the modem's buffer full, and a flow read 1500 bytes per
+        The manual (2.9) does not say what a switch to push mode does with data the modem
+        holds: push it out first, keep it for AT+QIRD while newer data is pushed at once, or
+        keep it and queue newer data behind it. Whatever it does, held data is older than
+        anything pushed after the switch. So: every push frame from the switch on is held
+        back, AT+QIRD reads out whatever the modem still holds, then the held-back frames
+        follow. The switch comes as soon as the consumer catches up, not once the modem is
+        empty: a fast server keeps the modem's buffer full, and a flow read 1500 bytes per
         AT+QIRD would stay slow for good. Once the peer has closed, nothing newer can come:
-        the rest is read out with AT+QIRD, which is in order under any reading.
+        the rest is read out with AT+QIRD alone.
         """
         modem = self._pool.modem
         if not self._eof:
+            self._held_back = []
             try:
                 await modem.command(at.qiswtmd(self.connect_id, ACCESS_PUSH))
             except CommandError:
-                if not self._eof:
-                    raise
-            else:
+                # Refused: perhaps it will not switch while it holds data. Read that out in
+                # buffer mode and try again on the next drain; refused with nothing held is
+                # a broken flow (unless the peer closed meanwhile).
+                self._release_held_back()
+                if await self._read_out(until_consumer_behind=True) or self._eof:
+                    return
+                raise
+            try:
                 self._mode = ACCESS_PUSH
-                log.debug("flow resumed (push mode) id=%d", self.connect_id)
-                return
+                read = await self._read_out(until_consumer_behind=True)
+            finally:
+                self._release_held_back()
+            log.debug("flow resumed (push mode) id=%d held=%d", self.connect_id, read)
+            return
+        await self._read_out()
+        self._mode = ACCESS_PUSH  # nothing held in the modem any more
+
+    async def _read_out(self, *, until_consumer_behind: bool = False) -> int:
+        """AT+QIRD until the modem holds nothing for us; returns the bytes read.
+
+        With `until_consumer_behind` reading also stops once our buffer is past its mark
+        while nothing was pushed meanwhile (the modem queues newer data behind what it holds:
+        buffer mode in all but name), so a slow consumer still bounds our memory.
+        """
+        modem = self._pool.modem
+        total = 0
         while True:
+            if until_consumer_behind and self._rx_len > RX_HIGH_WATER and not self._held_back:
+                self._mode = ACCESS_BUFFER
+                break
             try:
                 response = await modem.command(at.qird(self.connect_id))
             except CommandError:
-                break  # closed and gone: nothing more to read
+                break  # closed and gone, or push mode refuses AT+QIRD: nothing held
             if not response.data:
                 break
             self._rx.append(response.data)
             self._rx_len += len(response.data)
-        self._mode = ACCESS_PUSH  # nothing held in the modem any more
+            total += len(response.data)
+            self._wake()
+        return total
+
+    def _release_held_back(self) -> None:
+        held, self._held_back = self._held_back, None
+        if held:
+            self._rx.extend(held)
+            self._rx_len += sum(map(len, held))
+            self._wake()
+            self._check_high_water()
 
     # --- trio stream API --------------------------------------------------------------------
 

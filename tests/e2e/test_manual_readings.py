@@ -28,7 +28,11 @@ READINGS = [
     pytest.param(["cmee:2"], id="cme-text"),
     pytest.param(["push-no-crlf"], id="push-without-crlf"),
     pytest.param(["open-error-immediate"], id="qiopen-error-at-once"),
-    pytest.param(["cmee:2", "push-no-crlf", "open-error-immediate"], id="all-at-once"),
+    pytest.param(["swtmd-held:keep"], id="switch-keeps-held-data-newer-pushed"),
+    pytest.param(["swtmd-held:queue"], id="switch-keeps-held-data-newer-queued"),
+    pytest.param(
+        ["cmee:2", "push-no-crlf", "open-error-immediate", "swtmd-held:keep"], id="all-at-once"
+    ),
 ]
 
 
@@ -58,6 +62,14 @@ async def test_flows_are_exact_under_every_reading(nursery, faults: list[str]) -
             await stream.send_all(held)
 
     held_port = await nursery.start(serve_tcp, send_then_close)
+    bulk = lookalike_payload(3 * 1024 * 1024, 10)
+
+    async def send_and_stay(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(bulk)
+            await trio.sleep_forever()
+
+    bulk_port = await nursery.start(serve_tcp, send_and_stay)
     udp_port = await nursery.start(serve_udp_echo)
     payload = lookalike_payload(256 * 1024, 8)
     async with start_tunnel(nursery, Emulator(faults=faults)) as t:
@@ -82,6 +94,17 @@ async def test_flows_are_exact_under_every_reading(nursery, faults: list[str]) -
                 head = await receive_exactly(stream, 16 * 1024)
                 await t.emulator.wait_command("AT+QISWTMD=")
                 assert head + await receive_all(stream) == held
+
+            # The same with the peer still there: the flow goes back to push mode while the
+            # modem may still hold data and the server keeps sending.
+            switches = sum(c.startswith("AT+QISWTMD=") for c in t.emulator.stats.commands)
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", bulk_port)
+            assert reply == SUCCEEDED
+            async with stream:
+                head = await receive_exactly(stream, 16 * 1024)
+                await t.emulator.wait_command("AT+QISWTMD=", count=switches + 1)
+                rest = await receive_exactly(stream, len(bulk) - len(head))
+                assert head + rest == bulk
 
             # Failures keep their SOCKS meaning whichever way the modem reports them.
             stream, reply = await socks_connect(t.socks_port, "no-such-host.invalid", 80)

@@ -24,7 +24,11 @@ FAULT_SPECS: Final = (
     'AT+CPIN="PIN"; 3 wrong tries lock it to SIM PUK); no-sim (+CME ERROR: 10); searching:S '
     "(registration stays 2 'searching' for S seconds after every boot); qiact-fail:N and "
     "send-fail:N (the next N AT+QIACT fail with 556 / the next N QISEND data blocks answer SEND "
-    "FAIL); boot-delay:S, open-delay:S, qiact-delay:S (seconds). Timed events, S seconds after "
+    "FAIL); boot-delay:S, open-delay:S, qiact-delay:S (seconds); swtmd-held:MODE (what "
+    "AT+QISWTMD=<id>,1 does with data the modem holds, which the manual leaves open: flush = "
+    "push it out right after the OK, the default; keep = leave it for AT+QIRD and push newer "
+    "data at once; queue = leave it for AT+QIRD and queue newer data behind it until read). "
+    "Timed events, S seconds after "
     "the emulator starts: pdpdeact-after:S[:CTX] (the network drops context CTX, default 1), "
     "hang-after:S[:cfun] (stop answering; with :cfun only AT+CFUN=1,1 is still obeyed), "
     "reboot-after:S (spontaneous reboot), remote-close-after:S:ID (the far end closes connectID "
@@ -32,6 +36,7 @@ FAULT_SPECS: Final = (
 )
 
 SIM_STATES: Final = ("ready", "pin", "puk", "absent")
+SWTMD_HELD: Final = ("flush", "keep", "queue")
 # What garbage-every writes: not a valid line, but never a fake prompt or URC either.
 GARBAGE: Final = b"\r\n\xff\xfe#GARBAGE@\x00\r\n"
 
@@ -63,6 +68,7 @@ class FaultControl:
     def __init__(self, emulator: Emulator) -> None:
         self._emu = emulator
         self.open_error_immediate = False
+        self.swtmd_held = "flush"  # see SWTMD_HELD and FAULT_SPECS
         self.send_fail_left = 0
         self.qiact_fail_left = 0
         self.hung = False
@@ -165,7 +171,8 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
     args = rest.split(":") if rest else []
     flags = {"push-no-crlf", "open-error-immediate", "no-sim"}
     one_arg = {"cmee", "sim-pin", "searching", "qiact-fail", "send-fail", "boot-delay",
-               "open-delay", "qiact-delay", "reboot-after", "garbage-every"}  # fmt: skip
+               "open-delay", "qiact-delay", "reboot-after", "garbage-every",
+               "swtmd-held"}  # fmt: skip
     if name in flags and args:
         raise ValueError(f"fault {spec!r}: takes no argument")
     if name in one_arg and len(args) != 1:
@@ -180,6 +187,10 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
         if args[0] not in ("0", "1", "2"):
             raise ValueError(f"fault {spec!r}: cmee is 0, 1 or 2")
         settings.cmee = int(args[0])
+    elif name == "swtmd-held":
+        if args[0] not in SWTMD_HELD:
+            raise ValueError(f"fault {spec!r}: swtmd-held is one of {', '.join(SWTMD_HELD)}")
+        faults.swtmd_held = args[0]
     elif name == "sim-pin":
         if not args[0].isdigit():
             raise ValueError(f"fault {spec!r}: PIN must be digits")

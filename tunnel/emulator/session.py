@@ -195,7 +195,10 @@ class Session:
             log.debug("data after close dropped id=%d len=%d", conn.connect_id, len(data))
             return
         conn.rx_total += len(data)
-        if conn.access == ACCESS_PUSH and not conn.rx_buffered:
+        # With data held from buffer mode, newer data joins it unless the "keep" reading of
+        # AT+QISWTMD pushes it past the held data (faults.swtmd_held).
+        held = conn.rx_buffered and self.emu.faults.swtmd_held != "keep"
+        if conn.access == ACCESS_PUSH and not held:
             conn.rx_read += len(data)
             if conn.is_udp:
                 self.put(self.push_frame(conn, data, ip, port))

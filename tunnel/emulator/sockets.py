@@ -89,6 +89,7 @@ class Conn:
         self.notified = False  # "+QIURC: "recv",<id>" reported and not yet read empty (2.8)
         self._rx_room = trio.Event()
         self._rx_room.set()
+        self._mode_changed = False
         # Send side.
         self.tx = bytearray()
         self.tx_total = 0
@@ -112,8 +113,15 @@ class Conn:
     # -- receive side ----------------------------------------------------------------------
 
     async def wait_rx_room(self) -> None:
-        while self.rx_buffered >= RX_LIMIT:
+        while self.rx_buffered >= RX_LIMIT and not self._mode_changed:
             await self._rx_room.wait()
+        self._mode_changed = False
+
+    def mode_changed(self) -> None:
+        """AT+QISWTMD left held data in place: a reader parked on a full buffer re-checks."""
+        self._mode_changed = True
+        self._rx_room.set()
+        self._rx_changed()
 
     def _rx_changed(self) -> None:
         if self.rx_buffered < RX_LIMIT:
@@ -281,13 +289,16 @@ async def run_stream_reader(s: Session, conn: Conn) -> None:
     assert conn.stream is not None
     try:
         while True:
-            if conn.access == ACCESS_PUSH:
+            queued = conn.rx_buffered and s.emu.faults.swtmd_held == "queue"
+            if conn.access == ACCESS_PUSH and not queued:
                 # Stop reading while the serial line is backed up: TCP pushes back on the far end.
                 await s.line.wait_room()
                 size = MAX_SEND_LEN
             else:
                 await conn.wait_rx_room()
                 size = RX_LIMIT - conn.rx_buffered
+                if size <= 0:
+                    continue  # woken by a mode change: push now, or wait again
             data = await conn.stream.receive_some(size)
             if not data:
                 break

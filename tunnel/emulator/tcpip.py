@@ -343,7 +343,8 @@ async def on_qird(s: Session, cmd: Command) -> Reply | None:
 
 
 async def on_qiswtmd(s: Session, cmd: Command) -> Reply | None:
-    """AT+QISWTMD=<id>,<mode> (2.9). Buffered data is pushed right after the OK."""
+    """AT+QISWTMD=<id>,<mode> (2.9). Buffered data is pushed right after the OK, or with the
+    swtmd-held fault kept for AT+QIRD (the manual does not say)."""
     if cmd.kind is Kind.TEST:
         return lines("+QISWTMD: (0-11),(0-2)")
     if cmd.kind is Kind.READ:
@@ -365,7 +366,10 @@ async def on_qiswtmd(s: Session, cmd: Command) -> Reply | None:
 
     def to_push() -> None:
         conn.access = ACCESS_PUSH
-        s.flush_buffer(conn)
+        if s.emu.faults.swtmd_held == "flush":
+            s.flush_buffer(conn)
+        else:
+            conn.mode_changed()
 
     return Reply(after=[to_push])
 
