@@ -160,10 +160,16 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 self._release_held_back()
             log.debug("flow resumed (push mode) id=%d held=%d", self.connect_id, read)
             return
-        await self._read_out()
+        try:
+            await self._read_out(strict=True)
+        except CommandError as exc:
+            # The modem may still hold bytes we can no longer get: a clean EOF would pass a
+            # truncated stream off as complete.
+            self._fail(f"held data unreadable after the peer closed: {exc}", closed_by_modem=False)
+            return
         self._mode = ACCESS_PUSH  # nothing held in the modem any more
 
-    async def _read_out(self, *, until_consumer_behind: bool = False) -> int:
+    async def _read_out(self, *, until_consumer_behind: bool = False, strict: bool = False) -> int:
         """AT+QIRD until the modem holds nothing for us; returns the bytes read.
 
         With `until_consumer_behind` reading also stops once our buffer is past its mark
@@ -179,7 +185,9 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             try:
                 response = await modem.command(at.qird(self.connect_id))
             except CommandError:
-                break  # closed and gone, or push mode refuses AT+QIRD: nothing held
+                if strict:
+                    raise
+                break  # push mode may refuse AT+QIRD: then it holds nothing for it
             if not response.data:
                 break
             self._rx.append(response.data)

@@ -228,6 +228,38 @@ async def test_peer_closing_while_the_modem_holds_data_loses_nothing(nursery) ->
     assert any(c.startswith("AT+QIRD=") for c in t.emulator.stats.commands)
 
 
+async def test_held_data_the_modem_cannot_give_back_fails_the_flow_loudly(nursery) -> None:
+    # A modem that forgets a closed socket while it held data for us: the client must see a
+    # reset, never a clean EOF that passes the truncated stream off as complete.
+    payload = blob(8 * MiB, 8)
+
+    async def send(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(payload)
+            await trio.sleep_forever()
+
+    port = await nursery.start(serve_tcp, send)
+    async with start_tunnel(nursery) as t:
+        with trio.fail_after(60):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
+            assert reply == SUCCEEDED
+            await receive_exactly(stream, 16 * 1024)  # then stall: the modem holds data
+            await t.emulator.wait_command("AT+QISWTMD=")
+            (connect_id,) = t.emulator.socket_ids_in_use()
+            session = t.emulator.session
+            assert session is not None
+            t.emulator.faults.remote_close(connect_id)
+            session.conns.pop(connect_id).close_now(graceful=False)  # and loses what it held
+            with pytest.raises(trio.BrokenResourceError):
+                await drain(stream)
+            await stream.aclose()
+
+
+async def drain(stream: trio.SocketStream) -> None:
+    while await stream.receive_some(65536):
+        pass
+
+
 async def test_port_vanishing_and_returning(nursery, tmp_path) -> None:
     """A rebooting USB modem takes its tty away for a while: reopen the path when it is back."""
     link = str(tmp_path / "uc20-at")
