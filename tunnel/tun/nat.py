@@ -185,9 +185,12 @@ class TcpNat:
             total = _H.unpack_from(buf, 2)[0]
             length = total - ihl - (buf[ihl + 12] >> 4) * 4 + 1 + (1 if flags & SYN else 0)
             end = (u32(buf, ihl + 4) + length) & 0xFFFFFFFF
+            # The first FIN ends that side's sequence space: a retransmission repeats it, and
+            # a bogus later "FIN" must not move the mark past the ack that finishes the entry.
             if from_app:
-                entry.app_fin = end
-            else:
+                if entry.app_fin is None:
+                    entry.app_fin = end
+            elif entry.srv_fin is None:
                 entry.srv_fin = end
         if not flags & ACK:
             return
