@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import time
@@ -57,6 +58,17 @@ _TFD_TIMER_ABSTIME: Final = 1
 _TFD_CLOEXEC: Final = 0o2000000
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library with timerfd_create/timerfd_settime, or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.timerfd_create, libc.timerfd_settime  # noqa: B018 - AttributeError if absent
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
 class LineTimer:
     """Sleeps until a trio deadline to within ~0.1 ms.
 
@@ -68,20 +80,16 @@ class LineTimer:
     """
 
     def __init__(self) -> None:
+        """Create within trio.run: the clock decides whether the kernel's timers apply."""
         self._fd = -1
-        self._settime: Any = None  # libc's timerfd_settime, via ctypes
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            fd = libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | _TFD_CLOEXEC)
-        except (OSError, AttributeError):
-            return
-        if fd >= 0:
-            self._fd = fd
+        # A clock that can jump (trio.testing.MockClock) is not the kernel's: no timerfd then.
+        libc = None if hasattr(trio.lowlevel.current_clock(), "jump") else _libc()
+        if libc is not None:
             self._settime = libc.timerfd_settime
+            self._fd = libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | _TFD_CLOEXEC)
 
     async def sleep_until(self, deadline: float) -> None:
-        # A clock that can jump (trio.testing.MockClock) is not the kernel's: no timerfd then.
-        if self._fd < 0 or hasattr(trio.lowlevel.current_clock(), "jump"):
+        if self._fd < 0:
             await trio.sleep_until(deadline - TIMER_LATENCY)
             return
         target = deadline - TIMERFD_LATENCY
