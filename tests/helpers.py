@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1 only.
 import contextlib
 import hashlib
 import ipaddress
+import random
 import re
 import struct
 from collections.abc import Awaitable, Callable, Mapping
@@ -29,6 +30,37 @@ async def serve_tcp(
             await handler(stream)
 
     await trio.serve_listeners(tolerant, listeners)
+
+
+async def serve_and_stay(
+    payload: bytes, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A server that sends `payload` to each client, then keeps the connection open."""
+
+    async def send(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(payload)
+            await trio.sleep_forever()
+
+    await serve_tcp(send, task_status=task_status)
+
+
+async def unused_port() -> int:
+    """A loopback TCP port nobody listens on (a connect there is refused)."""
+    sock = trio.socket.socket()
+    await sock.bind((LOOPBACK, 0))
+    port: int = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def lookalike_payload(size: int, seed: int, nasty: bytes) -> bytes:
+    """`size` bytes: `nasty` (AT look-alikes) and random runs, about half each."""
+    rnd = random.Random(seed)
+    parts: list[bytes] = []
+    while sum(map(len, parts)) < size:
+        parts.append(nasty if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(1, 3000)))
+    return b"".join(parts)[:size]
 
 
 async def echo_handler(stream: trio.SocketStream) -> None:

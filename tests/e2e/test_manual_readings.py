@@ -6,7 +6,6 @@ instead of OK then `+QIOPEN: <id>,<err>`. The emulator plays each reading; the s
 come out byte-exact, with the same SOCKS reply codes.
 """
 
-import random
 import socket
 import struct
 
@@ -15,7 +14,16 @@ import trio
 
 from tests.e2e.harness import start_tunnel
 from tests.e2e.test_operations import serve_udp_echo, socks_greet
-from tests.helpers import echo_handler, receive_all, receive_exactly, serve_tcp, socks_connect
+from tests.helpers import (
+    echo_handler,
+    lookalike_payload,
+    receive_all,
+    receive_exactly,
+    serve_and_stay,
+    serve_tcp,
+    socks_connect,
+    unused_port,
+)
 from tunnel.emulator import Emulator
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n\r\n+QIRD: 3\r\n> \x1a\x00SEND OK\r\n'
@@ -36,42 +44,21 @@ READINGS = [
 ]
 
 
-def lookalike_payload(size: int, seed: int) -> bytes:
-    rnd = random.Random(seed)
-    parts: list[bytes] = []
-    while sum(map(len, parts)) < size:
-        parts.append(NASTY if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(1, 3000)))
-    return b"".join(parts)[:size]
-
-
-async def unused_port() -> int:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
 @pytest.mark.parametrize("faults", READINGS)
 async def test_flows_are_exact_under_every_reading(nursery, faults: list[str]) -> None:
     echo_port = await nursery.start(serve_tcp, echo_handler)
-    held = lookalike_payload(1024 * 1024, 9)
+    held = lookalike_payload(1024 * 1024, 9, NASTY)
 
     async def send_then_close(stream: trio.SocketStream) -> None:
         async with stream:
             await stream.send_all(held)
 
     held_port = await nursery.start(serve_tcp, send_then_close)
-    bulk = lookalike_payload(3 * 1024 * 1024, 10)
+    bulk = lookalike_payload(3 * 1024 * 1024, 10, NASTY)
 
-    async def send_and_stay(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(bulk)
-            await trio.sleep_forever()
-
-    bulk_port = await nursery.start(serve_tcp, send_and_stay)
+    bulk_port = await nursery.start(serve_and_stay, bulk)
     udp_port = await nursery.start(serve_udp_echo)
-    payload = lookalike_payload(256 * 1024, 8)
+    payload = lookalike_payload(256 * 1024, 8, NASTY)
     async with start_tunnel(nursery, Emulator(faults=faults)) as t:
         with trio.fail_after(60):
             # TCP both ways through AT look-alike bytes.

@@ -11,8 +11,16 @@ import random
 import pytest
 import trio
 
-from tests.e2e.harness import start_tunnel
-from tests.helpers import echo_handler, http_handler, receive_exactly, serve_tcp, socks_connect
+from tests.e2e.harness import Tunnel, start_tunnel
+from tests.helpers import (
+    echo_handler,
+    http_handler,
+    receive_all,
+    receive_exactly,
+    serve_and_stay,
+    serve_tcp,
+    socks_connect,
+)
 from tunnel.config import Settings
 from tunnel.daemon import Daemon
 from tunnel.emulator import Emulator, serve_pty
@@ -198,22 +206,23 @@ async def test_stalled_reader_is_bounded_and_does_not_slow_others(nursery, held:
     assert sum(c.startswith("AT+QISWTMD=") and c.endswith(",1") for c in commands) >= 1
 
 
+async def stall_while_the_modem_holds(t: Tunnel, port: int) -> tuple[trio.SocketStream, bytes, int]:
+    """A client that reads 16 KiB and stops until the modem holds the rest: (stream, head,
+    connectID)."""
+    stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
+    assert reply == SUCCEEDED
+    head = await receive_exactly(stream, 16 * 1024)
+    await t.emulator.wait_command("AT+QISWTMD=")
+    (connect_id,) = t.emulator.socket_ids_in_use()
+    return stream, head, connect_id
+
+
 async def test_peer_closing_while_the_modem_holds_data_loses_nothing(nursery) -> None:
     payload = blob(8 * MiB, 7)
-
-    async def send(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(payload)
-            await trio.sleep_forever()
-
-    port = await nursery.start(serve_tcp, send)
+    port = await nursery.start(serve_and_stay, payload)
     async with start_tunnel(nursery) as t:
         with trio.fail_after(60):
-            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
-            assert reply == SUCCEEDED
-            head = await receive_exactly(stream, 16 * 1024)  # then stall: the modem holds data
-            await t.emulator.wait_command("AT+QISWTMD=")
-            (connect_id,) = t.emulator.socket_ids_in_use()
+            stream, head, connect_id = await stall_while_the_modem_holds(t, port)
             session = t.emulator.session
             assert session is not None
             conn = session.conns[connect_id]
@@ -231,33 +240,17 @@ async def test_peer_closing_while_the_modem_holds_data_loses_nothing(nursery) ->
 async def test_held_data_the_modem_cannot_give_back_fails_the_flow_loudly(nursery) -> None:
     # A modem that forgets a closed socket while it held data for us: the client must see a
     # reset, never a clean EOF that passes the truncated stream off as complete.
-    payload = blob(8 * MiB, 8)
-
-    async def send(stream: trio.SocketStream) -> None:
-        async with stream:
-            await stream.send_all(payload)
-            await trio.sleep_forever()
-
-    port = await nursery.start(serve_tcp, send)
+    port = await nursery.start(serve_and_stay, blob(8 * MiB, 8))
     async with start_tunnel(nursery) as t:
         with trio.fail_after(60):
-            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
-            assert reply == SUCCEEDED
-            await receive_exactly(stream, 16 * 1024)  # then stall: the modem holds data
-            await t.emulator.wait_command("AT+QISWTMD=")
-            (connect_id,) = t.emulator.socket_ids_in_use()
+            stream, _, connect_id = await stall_while_the_modem_holds(t, port)
             session = t.emulator.session
             assert session is not None
             t.emulator.faults.remote_close(connect_id)
             session.conns.pop(connect_id).close_now(graceful=False)  # and loses what it held
             with pytest.raises(trio.BrokenResourceError):
-                await drain(stream)
+                await receive_all(stream)
             await stream.aclose()
-
-
-async def drain(stream: trio.SocketStream) -> None:
-    while await stream.receive_some(65536):
-        pass
 
 
 async def test_port_vanishing_and_returning(nursery, tmp_path) -> None:

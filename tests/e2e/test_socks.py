@@ -13,10 +13,12 @@ import trio
 from tests.helpers import (
     echo_handler,
     http_handler,
+    lookalike_payload,
     receive_all,
     receive_exactly,
     serve_tcp,
     socks_connect,
+    unused_port,
 )
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
@@ -61,11 +63,7 @@ async def test_curl_download_5mib_and_upload_2mib(tunnel, nursery, tmp_path: Pat
 
 async def test_at_lookalike_payload_round_trips(tunnel, nursery) -> None:
     echo_port = await nursery.start(serve_tcp, echo_handler)
-    rnd = random.Random(3)
-    parts = []
-    while sum(map(len, parts)) < 256 * 1024:
-        parts.append(NASTY if rnd.random() < 0.5 else rnd.randbytes(rnd.randrange(1, 3000)))
-    payload = b"".join(parts)[: 256 * 1024]
+    payload = lookalike_payload(256 * 1024, 3, NASTY)
     with trio.fail_after(60):
         stream, reply = await socks_connect(tunnel.socks_port, "echo.test", echo_port)
         assert reply == REPLY_SUCCEEDED
@@ -146,15 +144,7 @@ async def test_dns_failure_and_refused_connect_map_to_socks_codes(tunnel, nurser
         await stream.aclose()
         assert reply == REPLY_HOST_UNREACHABLE
         # A loopback port nobody listens on: the emulator reports 554 open failed.
-        closed_port = await _unused_port()
+        closed_port = await unused_port()
         stream, reply = await socks_connect(tunnel.socks_port, "127.0.0.1", closed_port)
         await stream.aclose()
         assert reply == REPLY_CONNECTION_REFUSED
-
-
-async def _unused_port() -> int:
-    sock = trio.socket.socket()
-    await sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    sock.close()
-    return port

@@ -282,7 +282,7 @@ async def test_a_close_that_takes_the_modems_full_10_s_is_not_a_hang(pair, autoj
 
         async def slow_modem() -> None:
             await peer.expect(b"AT+QICLOSE=3\r")
-            await trio.sleep(10.5)
+            await trio.sleep(10.5)  # virtual time (autojump_clock): the modem's own 10 s, and more
             await peer.send(b"\r\nOK\r\n")
 
         nursery.start_soon(slow_modem)
