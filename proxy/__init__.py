@@ -5,7 +5,8 @@ daemon hands it one backed by the modem.
 """
 
 from proxy.dialer import Dialer, DialError
+from proxy.listen import ListenError
 from proxy.server import serve_socks5
 from proxy.socks5 import ReplyCode
 
-__all__ = ["DialError", "Dialer", "ReplyCode", "serve_socks5"]
+__all__ = ["DialError", "Dialer", "ListenError", "ReplyCode", "serve_socks5"]
