@@ -29,7 +29,7 @@ from .at.errors import CommandError, ModemError, ModemGone
 from .at.events import PdpDeactivated
 from .config import Settings
 from .dialer import ModemDialer
-from .modem import Modem, with_timeout
+from .modem import Modem, frame_timeout, with_timeout
 from .serialport import SerialPortError, open_port
 from .services import ModemServices
 from .sockets import SocketPool
@@ -69,7 +69,9 @@ class Daemon:
     def __init__(self, settings: Settings, *, emulator: object | None = None) -> None:
         """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults)."""
         self.settings = settings
-        self.dialer = ModemDialer(connect_wait=settings.connect_wait)
+        self.dialer = ModemDialer(
+            connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer
+        )
         self.supervisor = Supervisor()
         self.modem: Modem | None = None
         self.pool: SocketPool | None = None
@@ -205,7 +207,8 @@ class Daemon:
         if stream is None:
             return End.STOP
         self.sessions += 1
-        async with Modem.open(stream) as modem:
+        cut_after = self.settings.frame_timeout or frame_timeout(self.settings.baud or DEFAULT_BAUD)
+        async with Modem.open(stream, frame_timeout=cut_after) as modem:
             self.modem = modem
             try:
                 end = await self._bring_up_and_serve(modem, device, socks, task_status)

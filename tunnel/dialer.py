@@ -12,9 +12,11 @@ from proxy import DialError, ReplyCode
 
 from .at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
 from .dns import Resolver
+from .modem import AnswerTimeout
 from .services import ModemServices, PingReport
 from .sockets import Slot, SocketPool
-from .stream import ModemSocket
+from .stream import RX_BUFFER, ModemSocket
+from .stream import open_tcp as open_modem_tcp
 from .udp import ModemUdpFlow, open_udp
 from .uplink import DnsAnswer, PingReply, ResolveError
 
@@ -43,7 +45,7 @@ def reply_for(exc: BaseException) -> ReplyCode:
         return ReplyCode.HOST_UNREACHABLE
     if isinstance(exc, NetworkDown | ModemGone):
         return ReplyCode.NETWORK_UNREACHABLE
-    if isinstance(exc, CommandTimeout | trio.TooSlowError):
+    if isinstance(exc, CommandTimeout | AnswerTimeout | trio.TooSlowError):
         return ReplyCode.TTL_EXPIRED
     if isinstance(exc, CommandError) and exc.code is not None:
         return _BY_CODE.get(exc.code, ReplyCode.GENERAL_FAILURE)
@@ -57,8 +59,15 @@ class ModemDialer:
     back, then fails (NETWORK_UNREACHABLE): it never hangs.
     """
 
-    def __init__(self, pool: SocketPool | None = None, *, connect_wait: float = 5.0) -> None:
+    def __init__(
+        self,
+        pool: SocketPool | None = None,
+        *,
+        connect_wait: float = 5.0,
+        flow_buffer: int = RX_BUFFER,
+    ) -> None:
         self.pool: SocketPool | None = None
+        self.flow_buffer = flow_buffer
         self.services: ModemServices | None = None
         self.resolver = Resolver()
         self._available = trio.Event()
@@ -100,7 +109,9 @@ class ModemDialer:
     async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
         pool, slot = await self._reserve()
         try:
-            sock: ModemSocket = await pool.open_tcp(host, port, slot)
+            sock: ModemSocket = await open_modem_tcp(
+                pool, host, port, slot, rx_buffer=self.flow_buffer
+            )
         except (ModemError, ValueError, trio.TooSlowError) as exc:
             raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
         return sock

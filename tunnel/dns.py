@@ -1,14 +1,14 @@
 """Names resolved by the modem (AT+QIDNSGIP, 2.13), with a small cache that honours the TTL.
 
 The answer comes as URCs after the command's OK: `+QIURC: "dnsgip",<err>,<IPcount>,<DNS_ttl>`
-then one `+QIURC: "dnsgip",<hostIPaddr>` per address. The modem resolves one name at a time
-(574 "DNS parse busy"), so lookups are serialised; concurrent lookups of one name share it.
+then one `+QIURC: "dnsgip",<hostIPaddr>` per address (`Modem.chat` with `DnsLookup`). The modem
+resolves one name at a time (574 "DNS parse busy") and its URCs do not name the host, so lookups
+are serialised; concurrent lookups of one name share it.
 """
 
 import ipaddress
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -17,7 +17,7 @@ from .at import commands as at
 from .at.constants import TIMEOUTS
 from .at.errors import CommandError, ErrorCode, ModemError
 from .at.events import DnsAddress, DnsHeader
-from .modem import Modem
+from .modem import Answer, Modem
 from .uplink import DnsAnswer, ResolveError
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,31 @@ CACHE_SIZE: Final = 256
 MAX_TTL: Final = 24 * 3600  # a modem reporting a silly TTL must not pin an answer for days
 
 
-@dataclass
-class _Query:
-    name: str
-    done: trio.Event
-    header: DnsHeader | None = None
-    addresses: list[str] | None = None
+class DnsLookup(Answer[tuple[DnsHeader, tuple[str, ...]]]):
+    """The URCs of one AT+QIDNSGIP: the header, then <IPcount> addresses (2.13)."""
+
+    kinds = (DnsHeader, DnsAddress)
+
+    def __init__(self) -> None:
+        super().__init__(TIMEOUTS["QIDNSGIP"])
+        self.header: DnsHeader | None = None
+        self.addresses: list[str] = []
+
+    def on_event(self, event: DnsHeader | DnsAddress) -> None:
+        if isinstance(event, DnsHeader):
+            if self.header is not None:
+                log.warning("stray dnsgip header error=%d", event.error)
+                return
+            self.header = event
+            if event.error or event.count == 0:
+                self.finish((event, ()))
+            return
+        if self.header is None:
+            log.warning("stray dnsgip address")
+            return
+        self.addresses.append(event.address)
+        if len(self.addresses) >= self.header.count:
+            self.finish((self.header, tuple(self.addresses)))
 
 
 class Resolver:
@@ -41,17 +60,14 @@ class Resolver:
         self._modem: Modem | None = None
         self._context_id = 1
         self._lock = trio.Lock()
-        self._query: _Query | None = None
         self._cache: OrderedDict[str, tuple[DnsAnswer, float]] = OrderedDict()
         self.lookups = 0
         self.hits = 0
 
     def attach(self, modem: Modem | None, context_id: int = 1) -> None:
+        """Resolve through `modem` from now on (None: the network is down)."""
         self._modem = modem
         self._context_id = context_id
-        if modem is not None:
-            modem.route(DnsHeader, self._on_header)
-            modem.route(DnsAddress, self._on_address)
 
     async def resolve(self, name: str) -> DnsAnswer:
         """IPv4 addresses for `name` (an IPv4 literal answers itself), or ResolveError."""
@@ -98,47 +114,17 @@ class Resolver:
         except ValueError as exc:
             raise ResolveError(name, str(exc), not_found=True) from None
         self.lookups += 1
-        query = _Query(name, trio.Event())
-        self._query = query
         try:
-            await modem.command(cmd)
-            with trio.fail_after(TIMEOUTS["QIDNSGIP"]):
-                await query.done.wait()
+            header, addresses = await modem.chat(cmd, DnsLookup())
         except CommandError as exc:
             not_found = exc.code == ErrorCode.DNS_PARSE_FAILED
             raise ResolveError(name, str(exc), not_found=not_found) from None
-        except (ModemError, trio.TooSlowError) as exc:
-            raise ResolveError(name, f"lookup failed: {exc!r}", not_found=False) from None
-        finally:
-            self._query = None
-        header = query.header
-        assert header is not None
+        except ModemError as exc:
+            raise ResolveError(name, f"lookup failed: {exc}", not_found=False) from None
         if header.error:
             not_found = header.error == ErrorCode.DNS_PARSE_FAILED
             raise ResolveError(name, f"DNS error {header.error}", not_found=not_found)
-        addresses = tuple(query.addresses or ())
         if not addresses:
             raise ResolveError(name, "no address", not_found=True)
         log.debug("resolved name=%s addresses=%s ttl=%d", name, ",".join(addresses), header.ttl)
         return DnsAnswer(addresses, header.ttl)
-
-    # URC handlers: the serial reader calls them; never block.
-
-    def _on_header(self, event: DnsHeader) -> None:
-        query = self._query
-        if query is None or query.header is not None:
-            log.warning("stray dnsgip header error=%d", event.error)
-            return
-        query.header = event
-        query.addresses = []
-        if event.error or event.count == 0:
-            query.done.set()
-
-    def _on_address(self, event: DnsAddress) -> None:
-        query = self._query
-        if query is None or query.header is None or query.addresses is None:
-            log.warning("stray dnsgip address")
-            return
-        query.addresses.append(event.address)
-        if len(query.addresses) >= query.header.count:
-            query.done.set()

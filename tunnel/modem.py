@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
@@ -33,6 +33,7 @@ from .at.events import (
     Event,
     FinalError,
     FinalOK,
+    FrameCut,
     Info,
     Prompt,
     ReadData,
@@ -48,7 +49,70 @@ from .util import single_error
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 READ_SIZE = 65536
+# A length-framed payload (push frame, QIRD answer) comes back to back at line rate; a pause this
+# long inside one means the modem stopped mid-frame (a brownout reboot) — see frame_timeout().
+FRAME_TIMEOUT_FLOOR = 0.5
+FRAME_TIMEOUT_BYTE_TIMES = 2000
+
+
+def frame_timeout(baud: int | None) -> float:
+    """How long a payload may pause before it counts as cut: 2000 byte times at `baud` (8N1),
+    never under FRAME_TIMEOUT_FLOOR (USB ports ignore the baud rate: the floor is their value)."""
+    if not baud:
+        return FRAME_TIMEOUT_FLOOR
+    return max(FRAME_TIMEOUT_FLOOR, FRAME_TIMEOUT_BYTE_TIMES * 10 / baud)
+
+
+class AnswerTimeout(ModemError):
+    """A command's answer URC did not come within its limit (the command itself was answered:
+    not a sign of a hung modem)."""
+
+
+class Answer(Generic[T]):
+    """The answer to one command that arrives as URCs after its OK (Zephyr's
+    `modem_chat_script_chat`: a request, the matches that complete it, the matches that abort it,
+    a timeout).
+
+    `limit` is how long the URCs may take after the OK (the manual's maximum response time).
+    Subclasses name the event types they listen to in `kinds` and implement `on_event`, calling
+    `finish(result)` when the answer is complete or `abort(error)` when it cannot come.
+    `Modem.chat` routes those events to it for exactly as long as the exchange lasts; a route
+    never outlives its exchange. Events after the finish are ignored.
+    """
+
+    kinds: ClassVar[tuple[type[Event], ...]] = ()
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit  # seconds the URCs may take after the command's OK
+        self.done = trio.Event()
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    def on_event(self, event: Any) -> None:
+        raise NotImplementedError
+
+    def finish(self, result: T) -> None:
+        if not self.done.is_set():
+            self._result = result
+            self.done.set()
+
+    def abort(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self._error = error
+            self.done.set()
+
+    @property
+    def finished(self) -> bool:
+        return self.done.is_set()
+
+    def result(self) -> T:
+        if self._error is not None:
+            raise self._error
+        if not self.done.is_set():
+            raise RuntimeError("answer not complete")
+        return self._result  # type: ignore[return-value]
 
 
 @dataclass
@@ -86,13 +150,17 @@ class ModemStats:
 class Modem:
     """Talks AT over a byte stream. Create with `async with Modem.open(stream) as modem`."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, frame_timeout: float = FRAME_TIMEOUT_FLOOR
+    ) -> None:
         self._stream = stream
+        self.frame_timeout = frame_timeout
         self._fd = stream.fileno() if isinstance(stream, trio.lowlevel.FdStream) else -1
         self._parser = ATParser()
         self._lock = trio.Lock()
         self._pending: _Pending | None = None
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
+        self._answers: set[Answer[Any]] = set()  # chats waiting for their URCs
         self._gone: ModemGone | None = None
         self.closed = trio.Event()
         # Set when a command outlives its manual limit: the supervisor reboots the modem.
@@ -112,15 +180,18 @@ class Modem:
             Prompt: self._on_prompt,
             Ready: self._on_ready,
             Echo: self._on_echo,
+            FrameCut: self._on_frame_cut,
             Unparsed: self._on_unparsed,
             Urc: self._on_urc,
         }
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, stream: trio.abc.Stream) -> AsyncIterator["Modem"]:
+    async def open(
+        cls, stream: trio.abc.Stream, *, frame_timeout: float = FRAME_TIMEOUT_FLOOR
+    ) -> AsyncIterator["Modem"]:
         """Run the reader for as long as the block lasts; the stream is closed on exit."""
-        modem = cls(stream)
+        modem = cls(stream, frame_timeout=frame_timeout)
         try:
             with single_error():
                 async with trio.open_nursery() as nursery:
@@ -148,6 +219,29 @@ class Modem:
     @property
     def alive(self) -> bool:
         return self._gone is None
+
+    async def chat(self, cmd: Command, answer: Answer[T]) -> T:
+        """Send `cmd`, then wait up to `answer.limit` seconds for it to complete from its URCs.
+
+        The answer's routes are in place before the command is written (a URC may follow the OK
+        at once) and removed when the exchange ends, however it ends. CommandError when the
+        command itself fails; AnswerTimeout when the URCs do not come in time; ModemRebooted /
+        ModemGone when the modem restarts or the port goes meanwhile; whatever `answer` aborts
+        with otherwise.
+        """
+        unroute = [self.route(kind, answer.on_event) for kind in answer.kinds]
+        self._answers.add(answer)
+        try:
+            await self.command(cmd)
+            with trio.move_on_after(answer.limit):
+                await answer.done.wait()
+            if not answer.finished:
+                raise AnswerTimeout(f"{cmd.name}: no answer in {answer.limit:g} s")
+        finally:
+            self._answers.discard(answer)
+            for undo in unroute:
+                undo()
+        return answer.result()
 
     # --- commands ---------------------------------------------------------------------------
 
@@ -287,19 +381,24 @@ class Modem:
         parser = self._parser
         dispatch = self._dispatch
         stats = self.stats
-        fd = self._fd
         try:
             while True:
-                if fd >= 0:
-                    # A tty: one scheduling round per read (wait, then read), where
-                    # FdStream.receive_some takes two (a checkpoint, then the wait).
-                    await trio.lowlevel.wait_readable(fd)
-                    try:
-                        data = os.read(fd, READ_SIZE)
-                    except BlockingIOError:
-                        continue
+                if parser.in_payload:
+                    # Inside a payload: bytes must keep coming (see frame_timeout()).
+                    data = None
+                    with trio.move_on_after(self.frame_timeout) as waited:
+                        data = await self._read()
+                    if waited.cancelled_caught:
+                        data = self._read_now()
+                        if data is None:
+                            parser.silence()
+                            while (event := parser.next_event()) is not NEED_DATA:
+                                dispatch(event)
+                            continue
                 else:
-                    data = bytes(await self._stream.receive_some(READ_SIZE))
+                    data = await self._read()
+                if data is None:
+                    continue
                 if not data:
                     self._set_gone(ModemGone("port closed (EOF)"))
                     return
@@ -309,6 +408,29 @@ class Modem:
                     dispatch(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._set_gone(ModemGone(f"port read failed: {exc}"))
+
+    async def _read(self) -> bytes | None:
+        """The next bytes from the port (b"" at EOF); None when a wake-up found nothing."""
+        fd = self._fd
+        if fd < 0:
+            return bytes(await self._stream.receive_some(READ_SIZE))
+        # A tty: one scheduling round per read (wait, then read), where FdStream.receive_some
+        # takes two (a checkpoint, then the wait).
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, READ_SIZE)
+        except BlockingIOError:
+            return None
+
+    def _read_now(self) -> bytes | None:
+        """After a silent wait: bytes that arrived while this task waited to be scheduled (a busy
+        process is not a silent modem); None when there really are none."""
+        if self._fd < 0:
+            return None
+        try:
+            return os.read(self._fd, READ_SIZE)
+        except BlockingIOError:
+            return None
 
     def _dispatch(self, event: Event) -> None:
         kind = type(event)
@@ -367,7 +489,19 @@ class Modem:
         self.restarted.set()
         log.warning("modem restarted (RDY)")
         self._fail_pending(ModemRebooted("modem restarted (RDY)"))
+        self._abort_answers(ModemRebooted("modem restarted (RDY)"))
         for handler in self._routes.get(Ready, ()):
+            handler(event)
+
+    def _on_frame_cut(self, event: FrameCut) -> None:
+        what = "QIRD answer" if event.connect_id is None else f"push frame id={event.connect_id}"
+        log.warning(
+            "frame cut short: %s got=%d of %d bytes, dropped", what, event.got, event.expected
+        )
+        if event.connect_id is None:
+            self._fail_pending(ModemError(f"AT+QIRD answer cut short ({event.got} of "
+                                          f"{event.expected} bytes)"))
+        for handler in self._routes.get(FrameCut, ()):
             handler(event)
 
     def _on_echo(self, event: Echo) -> None:
@@ -386,12 +520,17 @@ class Modem:
             pending.final = error
             pending.done.set()
 
+    def _abort_answers(self, error: ModemError) -> None:
+        for answer in list(self._answers):
+            answer.abort(error)
+
     def _set_gone(self, error: ModemGone) -> None:
         if self._gone is None:
             self._gone = error
             log.info("modem port closed reason=%s", error)
             self.closed.set()
         self._fail_pending(error)
+        self._abort_answers(error)
 
 
 def with_timeout(cmd: Command, seconds: float, *, hang_signal: bool = False) -> Command:

@@ -1,6 +1,7 @@
 """Ping (AT+QPING, 2.10) and time (AT+QNTP, 2.11) through the modem.
 
-Both answer with URCs after the command's OK; one of each may run at a time.
+Both answer with URCs after the command's OK (`Modem.chat` with `PingAnswer` / `NtpAnswer`);
+one of each may run at a time, since their URCs do not say which request they answer.
 """
 
 import logging
@@ -12,7 +13,7 @@ from .at import commands as at
 from .at.constants import TIMEOUTS
 from .at.errors import CommandError, ModemError
 from .at.events import NtpResult, PingReply, PingSummary
-from .modem import Modem
+from .modem import Answer, AnswerTimeout, Modem
 from .uplink import PingReply as Reply
 from .uplink import ResolveError
 
@@ -34,6 +35,37 @@ class PingReport:
 _FINRESULT = {3: "TCP/IP stack busy", 4: "host not found", 5: "PDP context activation failed"}
 
 
+class PingAnswer(Answer[PingReport]):
+    """`+QPING: <result>...` per request, then the `+QPING: <finresult>...` summary (2.10)."""
+
+    kinds = (PingReply, PingSummary)
+
+    def __init__(self, host: str, limit: float) -> None:
+        super().__init__(limit)
+        self.report = PingReport(host)
+
+    def on_event(self, event: PingReply | PingSummary) -> None:
+        if isinstance(event, PingSummary):
+            self.report.summary = event
+            self.finish(self.report)
+        elif event.result == 0:
+            self.report.replies.append(Reply(event.address, event.time_ms, event.ttl))
+        else:
+            self.report.replies.append(None)
+
+
+class NtpAnswer(Answer[NtpResult]):
+    """`+QNTP: <err>,<time>` (2.11)."""
+
+    kinds = (NtpResult,)
+
+    def __init__(self) -> None:
+        super().__init__(TIMEOUTS["QNTP"])
+
+    def on_event(self, event: NtpResult) -> None:
+        self.finish(event)
+
+
 class ModemServices:
     """Ping and NTP over one modem session."""
 
@@ -42,29 +74,18 @@ class ModemServices:
         self.context_id = context_id
         self._ping_lock = trio.Lock()
         self._ntp_lock = trio.Lock()
-        self._ping: tuple[PingReport, trio.Event] | None = None
-        self._ntp: tuple[list[NtpResult], trio.Event] | None = None
-        modem.route(PingReply, self._on_ping_reply)
-        modem.route(PingSummary, self._on_ping_summary)
-        modem.route(NtpResult, self._on_ntp)
 
     async def ping(self, host: str, *, wait: int = 1, count: int = 4) -> PingReport:
         """AT+QPING; ResolveError when the host is unknown, ServiceError otherwise."""
         cmd = at.qping(self.context_id, host, wait, count)
         async with self._ping_lock:
-            report = PingReport(host)
-            done = trio.Event()
-            self._ping = (report, done)
             try:
-                await self.modem.command(cmd)
-                with trio.fail_after(wait * count + 30):
-                    await done.wait()
+                # Each request waits up to `wait` seconds; the summary follows the last one.
+                report = await self.modem.chat(cmd, PingAnswer(host, wait * count + 30))
             except CommandError as exc:
                 raise ServiceError(f"ping {host}: {exc}") from None
-            except trio.TooSlowError:
+            except AnswerTimeout:
                 raise ServiceError(f"ping {host}: no summary from the modem") from None
-            finally:
-                self._ping = None
         summary = report.summary
         assert summary is not None
         if summary.result == 4 or summary.result == 565:
@@ -78,46 +99,12 @@ class ModemServices:
         """AT+QNTP: the server's time as the modem reports it ("YYYY/MM/DD,hh:mm:ss±zz")."""
         cmd = at.qntp(self.context_id, server, port)
         async with self._ntp_lock:
-            results: list[NtpResult] = []
-            done = trio.Event()
-            self._ntp = (results, done)
             try:
-                await self.modem.command(cmd)
-                with trio.fail_after(TIMEOUTS["QNTP"]):
-                    await done.wait()
+                result = await self.modem.chat(cmd, NtpAnswer())
             except CommandError as exc:
                 raise ServiceError(f"ntp {server}: {exc}") from None
-            except trio.TooSlowError:
+            except AnswerTimeout:
                 raise ServiceError(f"ntp {server}: no answer in 125 s") from None
-            finally:
-                self._ntp = None
-        result = results[0]
         if result.error:
             raise ServiceError(f"ntp {server}: error {result.error}")
         return result.time
-
-    def _on_ping_reply(self, event: PingReply) -> None:
-        if self._ping is None:
-            log.warning("stray +QPING reply")
-            return
-        report, _ = self._ping
-        if event.result == 0:
-            report.replies.append(Reply(event.address, event.time_ms, event.ttl))
-        else:
-            report.replies.append(None)
-
-    def _on_ping_summary(self, event: PingSummary) -> None:
-        if self._ping is None:
-            log.warning("stray +QPING summary")
-            return
-        report, done = self._ping
-        report.summary = event
-        done.set()
-
-    def _on_ntp(self, event: NtpResult) -> None:
-        if self._ntp is None:
-            log.warning("stray +QNTP")
-            return
-        results, done = self._ntp
-        results.append(event)
-        done.set()

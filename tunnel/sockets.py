@@ -1,11 +1,10 @@
-"""ConnectID pool and ModemSocket: the modem's TCP connections as trio streams.
+"""The connectID pool: the twelve socket services of one PDP context and who owns each.
 
-A flow is opened with AT+QIOPEN in direct push mode (2.4, access mode 1); pushed bytes land in the
-flow's buffer from the serial reader without ever blocking it. When a flow's buffer passes its
-high-water mark (the client is slower than the radio) the connectID is switched to buffer access
-mode (AT+QISWTMD=<id>,0) so the modem holds the data and TCP pushes back on the server; the
-consumer then drains it with AT+QIRD and the flow returns to push mode once the modem has
-nothing left (DESIGN.md principle 1).
+A flow is opened with AT+QIOPEN (2.4) and its owner attached before the command is written: the
+peer may push data, and even close, right behind the `+QIOPEN: <id>,0` URC. From then on the
+serial reader hands every URC for that connectID to the owner through `FlowOwner` (push data,
+buffer-mode notices, "closed", a cut frame) without ever blocking; owners run their own modem
+commands (tunnel.stream's receive driver, QISEND) and give the id back with `release`.
 
 ConnectID lifecycle, one table: FREE -> OPENING -> OPEN -> CLOSING -> FREE.
 """
@@ -13,18 +12,17 @@ ConnectID lifecycle, one table: FREE -> OPENING -> OPEN -> CLOSING -> FREE.
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from enum import Enum, auto
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import trio
 
 from .at import commands as at
-from .at.constants import ACCESS_PUSH, CONNECT_IDS, TIMEOUTS
+from .at.constants import CONNECT_IDS, TIMEOUTS
 from .at.errors import CommandError, ErrorCode, ModemError
-from .at.events import OpenResult, Recv, RecvNotify, SocketClosed
-from .modem import Modem
-from .stream import ModemSocket
+from .at.events import FrameCut, OpenResult, Recv, RecvNotify, SocketClosed
+from .modem import Answer, Modem
 from .util import single_error
 
 log = logging.getLogger(__name__)
@@ -54,28 +52,69 @@ class NoFreeSocket(ModemError):
 
 
 class FlowOwner(Protocol):
-    """What owns an open connectID: a TCP stream or a UDP flow. Hooks the serial reader calls
-    (they must not block) and the pool's reclaim uses."""
+    """What owns an open connectID (a TCP stream, a UDP flow): the pool's side of the boundary.
 
-    def _deliver(self, data: bytes, remote: tuple[str, int] | None) -> None: ...
-    def _notified(self) -> None: ...
-    def _remote_closed(self) -> None: ...
-    def _fail(self, reason: str, *, closed_by_modem: bool) -> None: ...
-    def _detach(self) -> None: ...
-    def _end_linger(self) -> None: ...
+    The `on_*` hooks are called by the serial reader and must never block.
+    """
+
+    def on_push(self, data: bytes, remote: tuple[str, int] | None) -> None:
+        """A push frame's payload (`+QIURC: "recv",<id>,<len>[,<ip>,<port>]`)."""
+
+    def on_recv_notify(self) -> None:
+        """`+QIURC: "recv",<id>`: buffer access mode, the modem holds new data."""
+
+    def on_peer_closed(self) -> None:
+        """`+QIURC: "closed",<id>` (2.16.1)."""
+
+    def on_frame_cut(self) -> None:
+        """A push frame for this id stopped arriving midway: its bytes were dropped."""
+
+    def on_failed(self, reason: str, *, modem_lost: bool) -> None:
+        """The flow is broken (context dropped, reboot, port gone); `modem_lost`: the modem no
+        longer knows the connectID, closing it needs no AT+QICLOSE."""
+
+    def on_reclaimed(self) -> None:
+        """The pool took the connectID back: closing the owner must not free it again."""
+
+    def on_id_wanted(self) -> None:
+        """Someone waits for a free connectID: give it back now if you are only lingering."""
+
     async def aclose(self) -> None: ...
+
+
+class OpenAnswer(Answer[int]):
+    """`+QIOPEN: <connectID>,<err>` for one connectID (2.4); a "closed" URC first aborts it."""
+
+    kinds = (OpenResult, SocketClosed)
+
+    def __init__(self, connect_id: int) -> None:
+        super().__init__(TIMEOUTS["QIOPEN"])  # 2.4: wait up to 150 s for the URC
+        self.connect_id = connect_id
+
+    def on_event(self, event: OpenResult | SocketClosed) -> None:
+        if event.connect_id != self.connect_id:
+            return
+        if isinstance(event, OpenResult):
+            self.finish(event.error)
+        else:
+            self.finish(ErrorCode.CONNECTION_CLOSED)
 
 
 class Slot:
     """One connectID: its lifecycle state and whoever owns it while open."""
 
-    __slots__ = ("connect_id", "opened", "socket", "state")
+    __slots__ = ("connect_id", "opening", "owner", "state")
 
     def __init__(self, connect_id: int) -> None:
         self.connect_id = connect_id
         self.state = SlotState.FREE
-        self.socket: FlowOwner | None = None
-        self.opened: tuple[trio.Event, list[int]] | None = None
+        self.owner: FlowOwner | None = None
+        self.opening: OpenAnswer | None = None  # while AT+QIOPEN waits for its URC
+
+    @property
+    def socket(self) -> FlowOwner | None:
+        """Old name of `owner` (tunnel.control still reads it)."""
+        return self.owner
 
     def move(self, new: SlotState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -84,7 +123,11 @@ class Slot:
 
 
 class SocketPool:
-    """The twelve connectIDs of one context. `async with SocketPool.open(modem, ctx) as pool`."""
+    """The twelve connectIDs of one context. `async with SocketPool.open(modem, ctx) as pool`.
+
+    Owners' background work (a stream's receive driver) runs in the pool's nursery through
+    `start_soon`, so it ends with the pool.
+    """
 
     def __init__(self, modem: Modem, context_id: int, nursery: trio.Nursery) -> None:
         self.modem = modem
@@ -96,8 +139,6 @@ class SocketPool:
         self._waiting = trio.lowlevel.ParkingLot()
         self._all_free = trio.Event()
         self._all_free.set()
-        self._switch_requests: set[ModemSocket] = set()
-        self._switch_wakeup = trio.Event()
         self.opened_total = 0
 
     @classmethod
@@ -110,9 +151,8 @@ class SocketPool:
                     modem.route(Recv, pool._on_recv),
                     modem.route(RecvNotify, pool._on_notify),
                     modem.route(SocketClosed, pool._on_closed),
-                    modem.route(OpenResult, pool._on_open_result),
+                    modem.route(FrameCut, pool._on_frame_cut),
                 ]
-                nursery.start_soon(pool._switcher)
                 try:
                     yield pool
                 finally:
@@ -121,16 +161,20 @@ class SocketPool:
                     await pool._close_all()
                     nursery.cancel_scope.cancel()
 
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run an owner's background task for at most the pool's life."""
+        self._nursery.start_soon(fn, *args)
+
     # --- opening ----------------------------------------------------------------------------
 
-    async def reserve(self) -> "Slot":
+    async def reserve(self) -> Slot:
         """Wait for a free connectID (cancellable: callers bound the wait)."""
         await trio.lowlevel.checkpoint_if_cancelled()
         while not self._free:
             # Someone waits: flows whose client already sent EOF give their id back now.
             for busy in self._slots:
-                if busy.socket is not None:
-                    busy.socket._end_linger()
+                if busy.owner is not None:
+                    busy.owner.on_id_wanted()
             await self._waiting.park()
         slot = self._free.popleft()
         slot.move(SlotState.OPENING)
@@ -138,38 +182,23 @@ class SocketPool:
             self._all_free = trio.Event()
         return slot
 
-    def unreserve(self, slot: "Slot") -> None:
+    def unreserve(self, slot: Slot) -> None:
         slot.move(SlotState.CLOSING)
-        self._release(slot)
+        self._free_slot(slot)
 
-    async def open_tcp(self, host: str, port: int, slot: "Slot | None" = None) -> ModemSocket:
-        """AT+QIOPEN a TCP client in push mode; the stream once +QIOPEN: <id>,0 arrived.
+    async def open_slot(self, slot: Slot, owner: FlowOwner, cmd: at.Command) -> None:
+        """AT+QIOPEN `cmd` on a reserved slot for `owner`; the slot is freed if it fails.
 
-        ValueError (bad host, before anything is sent), OpenError, CommandTimeout, ModemGone.
+        OpenError, CommandTimeout, AnswerTimeout (no URC in 150 s), ModemGone.
         """
-        try:
-            at.qiopen(self.context_id, 0, "TCP", host, port)  # refuse a bad host before waiting
-        except ValueError:
-            if slot is not None:
-                self.unreserve(slot)
-            raise
-        if slot is None:
-            slot = await self.reserve()
-        sock = ModemSocket(self, slot, f"{host}:{port}")
-        cmd = at.qiopen(self.context_id, slot.connect_id, "TCP", host, port, 0, ACCESS_PUSH)
-        await self.open_slot(slot, sock, cmd)
-        return sock
-
-    async def open_slot(self, slot: "Slot", owner: "FlowOwner", cmd: at.Command) -> None:
-        """AT+QIOPEN `cmd` on a reserved slot for `owner`; the slot is freed if it fails."""
         # Attached before AT+QIOPEN: the peer may push data (and even close) right behind the
         # +QIOPEN URC, before this task runs again.
-        slot.socket = owner
+        slot.owner = owner
         try:
             await self._open(slot, cmd)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self._close_slot(slot, reason="open failed")
+                await self.release(slot, reason="open failed")
             raise
         slot.move(SlotState.OPEN)
         self.opened_total += 1
@@ -177,10 +206,10 @@ class SocketPool:
     async def _open(self, slot: Slot, cmd: at.Command) -> None:
         cid = slot.connect_id
         for attempt in (1, 2):
-            done, result = trio.Event(), list[int]()
-            slot.opened = (done, result)
+            answer = OpenAnswer(cid)
+            slot.opening = answer
             try:
-                await self.modem.command(cmd)
+                error = await self.modem.chat(cmd, answer)
             except CommandError as exc:
                 if exc.code == ErrorCode.SOCKET_ID_IN_USE and attempt == 1:
                     # A previous run (or a lost QICLOSE) left it open: we own the modem.
@@ -188,60 +217,58 @@ class SocketPool:
                     await self.modem.command(at.qiclose(cid))
                     continue
                 raise OpenError("QIOPEN", exc.code, exc.text) from None
-            # 2.4: wait up to 150 s for +QIOPEN: <connectID>,<err>.
-            with trio.fail_after(TIMEOUTS["QIOPEN"]):
-                await done.wait()
-            if result[0] != 0:
-                raise OpenError("QIOPEN", result[0])
+            finally:
+                slot.opening = None
+            if error != 0:
+                raise OpenError("QIOPEN", error)
             return
 
     # --- URC handlers (called by the serial reader: never block) ----------------------------
 
+    def _owner(self, connect_id: int) -> FlowOwner | None:
+        if 0 <= connect_id < len(self._slots):
+            return self._slots[connect_id].owner
+        return None
+
     def _on_recv(self, event: Recv) -> None:
-        slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
-        if slot is None or slot.socket is None:
+        owner = self._owner(event.connect_id)
+        if owner is None:
             log.warning("push data for no flow id=%d len=%d", event.connect_id, len(event.data))
             return
-        slot.socket._deliver(event.data, event.remote)
+        owner.on_push(event.data, event.remote)
 
     def _on_notify(self, event: RecvNotify) -> None:
-        slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
-        if slot is not None and slot.socket is not None:
-            slot.socket._notified()
+        owner = self._owner(event.connect_id)
+        if owner is not None:
+            owner.on_recv_notify()
 
     def _on_closed(self, event: SocketClosed) -> None:
-        slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
-        if slot is None or slot.socket is None:
+        owner = self._owner(event.connect_id)
+        if owner is None:
             log.warning("closed URC for no flow id=%d", event.connect_id)
-        elif slot.opened is not None:
-            # Closed before +QIOPEN came: report it as a failed open.
-            self._on_open_result(OpenResult(event.connect_id, ErrorCode.CONNECTION_CLOSED))
-        else:
-            log.debug("remote closed id=%d", event.connect_id)
-            slot.socket._remote_closed()
-
-    def _on_open_result(self, event: OpenResult) -> None:
-        slot = self._slots[event.connect_id] if event.connect_id < len(self._slots) else None
-        if slot is None or slot.opened is None:
-            log.warning("stray +QIOPEN id=%d err=%d", event.connect_id, event.error)
             return
-        done, result = slot.opened
-        slot.opened = None
-        result.append(event.error)
-        done.set()
+        opening = self._slots[event.connect_id].opening
+        if opening is not None and not opening.finished:
+            return  # closed before +QIOPEN came: the open's answer reports it as failed
+        log.debug("remote closed id=%d", event.connect_id)
+        owner.on_peer_closed()
+
+    def _on_frame_cut(self, event: FrameCut) -> None:
+        if event.connect_id is None:
+            return  # a QIRD answer: its command fails
+        owner = self._owner(event.connect_id)
+        if owner is not None:
+            owner.on_frame_cut()
 
     # --- failures and closing ---------------------------------------------------------------
 
     def fail_all(self, reason: str, *, modem_lost_sockets: bool) -> None:
         """Every flow fails now (pdpdeact, reboot, port gone): their clients see a reset."""
         for slot in self._slots:
-            if slot.socket is not None:
-                slot.socket._fail(reason, closed_by_modem=modem_lost_sockets)
-            if slot.opened is not None:
-                done, result = slot.opened
-                slot.opened = None
-                result.append(ErrorCode.CONNECTION_CLOSED)
-                done.set()
+            if slot.owner is not None:
+                slot.owner.on_failed(reason, modem_lost=modem_lost_sockets)
+            if slot.opening is not None:
+                slot.opening.abort(OpenError("QIOPEN", ErrorCode.CONNECTION_CLOSED, reason))
 
     async def reclaim(self, reason: str, *, modem_lost_sockets: bool) -> None:
         """Fail every flow now and free every connectID, whatever their owners do next.
@@ -252,14 +279,14 @@ class SocketPool:
         self.fail_all(reason, modem_lost_sockets=modem_lost_sockets)
         with trio.CancelScope(shield=True):
             for slot in self._slots:
-                sock = slot.socket
-                if slot.state is SlotState.OPEN and sock is not None:
-                    sock._detach()
-                    await self._close_slot(slot, reason=reason, skip_command=modem_lost_sockets)
+                owner = slot.owner
+                if slot.state is SlotState.OPEN and owner is not None:
+                    owner.on_reclaimed()
+                    await self.release(slot, reason=reason, skip_command=modem_lost_sockets)
 
-    async def _close_slot(self, slot: Slot, *, reason: str, skip_command: bool = False) -> None:
-        """QICLOSE (bounded by the manual's 10 s) then free the id, whatever happens."""
-        slot.opened = None
+    async def release(self, slot: Slot, *, reason: str, skip_command: bool = False) -> None:
+        """AT+QICLOSE (bounded by the manual's 10 s), then free the id, whatever happens."""
+        slot.opening = None
         if slot.state is not SlotState.CLOSING:
             slot.move(SlotState.CLOSING)
         try:
@@ -272,10 +299,10 @@ class SocketPool:
             log.warning("close failed id=%d reason=%s", slot.connect_id, exc)
         finally:
             log.debug("connectID free id=%d why=%s", slot.connect_id, reason)
-            self._release(slot)
+            self._free_slot(slot)
 
-    def _release(self, slot: Slot) -> None:
-        slot.socket = None
+    def _free_slot(self, slot: Slot) -> None:
+        slot.owner = None
         slot.move(SlotState.FREE)
         self._free.append(slot)
         self._waiting.unpark()
@@ -293,16 +320,6 @@ class SocketPool:
     def in_use(self) -> list[int]:
         return [s.connect_id for s in self._slots if s.state is not SlotState.FREE]
 
-    # --- push/buffer mode switching ---------------------------------------------------------
-
-    def _request_switch(self, sock: ModemSocket) -> None:
-        self._switch_requests.add(sock)
-        self._switch_wakeup.set()
-
-    async def _switcher(self) -> None:
-        while True:
-            await self._switch_wakeup.wait()
-            self._switch_wakeup = trio.Event()
-            while self._switch_requests:
-                sock = self._switch_requests.pop()
-                await sock._enter_buffer_mode()
+    def owners(self) -> list[tuple[int, FlowOwner]]:
+        """(connectID, owner) of every connectID that has one, for status views."""
+        return [(s.connect_id, s.owner) for s in self._slots if s.owner is not None]

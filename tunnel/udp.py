@@ -47,7 +47,7 @@ async def open_udp(pool: SocketPool, slot: Slot | None = None) -> "ModemUdpFlow"
 
 
 class ModemUdpFlow:
-    """Satisfies tunnel.uplink.UdpFlow."""
+    """Satisfies tunnel.uplink.UdpFlow and tunnel.sockets.FlowOwner."""
 
     def __init__(self, pool: SocketPool, slot: Slot, local_port: int) -> None:
         self._pool = pool
@@ -109,12 +109,12 @@ class ModemUdpFlow:
         slot, self._slot = self._slot, None
         if slot is not None:
             with trio.CancelScope(shield=True):
-                await self._pool._close_slot(slot, reason="closed", skip_command=self._modem_lost)
+                await self._pool.release(slot, reason="closed", skip_command=self._modem_lost)
         await trio.lowlevel.checkpoint()
 
-    # --- hooks called by the pool (serial reader context: never block) ----------------------
+    # --- FlowOwner: called by the serial reader (never block) ------------------------------
 
-    def _deliver(self, data: bytes, remote: tuple[str, int] | None) -> None:
+    def on_push(self, data: bytes, remote: tuple[str, int] | None) -> None:
         if remote is None:
             log.warning("udp data without its sender id=%d", self.connect_id)
             return
@@ -124,22 +124,27 @@ class ModemUdpFlow:
         self._queue.append((data, remote))
         self._wake()
 
-    def _notified(self) -> None:
+    def on_recv_notify(self) -> None:
         pass  # push mode only
 
-    def _remote_closed(self) -> None:
-        self._fail("modem closed the UDP service", closed_by_modem=False)
+    def on_peer_closed(self) -> None:
+        self.on_failed("modem closed the UDP service", modem_lost=False)
 
-    def _fail(self, reason: str, *, closed_by_modem: bool) -> None:
+    def on_frame_cut(self) -> None:
+        # A datagram is whole or lost: dropping a cut one is what UDP does anyway.
+        self.dropped += 1
+        log.warning("udp datagram cut short, dropped id=%d", self.connect_id)
+
+    def on_failed(self, reason: str, *, modem_lost: bool) -> None:
+        self._modem_lost = self._modem_lost or modem_lost
         if self._failure is None:
             self._failure = reason
-            self._modem_lost = closed_by_modem
             self._wake()
 
-    def _detach(self) -> None:
+    def on_reclaimed(self) -> None:
         self._slot = None
 
-    def _end_linger(self) -> None:
+    def on_id_wanted(self) -> None:
         pass
 
     def _wake(self) -> None:

@@ -171,6 +171,17 @@ class NtpResult(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class FrameCut(Event):
+    """A length-framed payload stopped arriving midway (the I/O layer reported silence): its
+    bytes are dropped and the parser is back to reading lines. `connect_id` is the push frame's
+    connectID, None for an AT+QIRD answer."""
+
+    connect_id: int | None
+    expected: int
+    got: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ready(Event):
     """`RDY`: the modem (re)booted; echo is ON again and every socket and context is gone."""
 

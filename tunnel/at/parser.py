@@ -11,7 +11,11 @@ Framing rules (DESIGN.md principles 3 and 4, wire facts):
   skipped; a line is never longer than MAX_LINE or it is garbage;
 - `+QIURC: "recv",<id>,<len>` and `+QIRD: <len>` are followed by exactly `<len>` raw bytes which
   are counted, never inspected; the CRLF that usually follows them is just a blank line;
-- a URC can sit between any two lines of a response.
+- a URC can sit between any two lines of a response;
+- a payload is sent back to back at line rate: when the I/O layer reports silence (`silence()`)
+  while one is incomplete, it was cut short (the modem rebooted mid-frame, a brownout): the
+  parser reports `FrameCut`, drops what it had of it and reads lines again, so the `RDY` that
+  follows is seen as a line and not swallowed as payload.
 """
 
 from collections import deque
@@ -27,6 +31,7 @@ from .events import (
     Event,
     FinalError,
     FinalOK,
+    FrameCut,
     Incoming,
     IncomingFull,
     Info,
@@ -129,6 +134,27 @@ class ATParser:
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
         return len(self._buf) - self._pos
+
+    @property
+    def in_payload(self) -> bool:
+        """A length-framed payload has begun and is not complete yet: silence now means a cut."""
+        return self._payload_kind is not None
+
+    def silence(self) -> None:
+        """The I/O layer saw no byte for longer than a payload may pause.
+
+        Inside a payload that is a cut frame: `FrameCut` is queued, the partial payload dropped,
+        line mode resumes. Anywhere else it means nothing.
+        """
+        kind = self._payload_kind
+        if kind is None:
+            return
+        got = len(self._buf) - self._pos
+        self._events.append(
+            FrameCut(self._payload_id if kind is Recv else None, self._payload_len, got)
+        )
+        self._payload_kind = None
+        self._pos = self._scan = len(self._buf)
 
     # --- input ------------------------------------------------------------------------------
 
