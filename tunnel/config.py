@@ -41,6 +41,12 @@ class Settings:
     allow: tuple[str, ...] = ()  # client networks (CIDR); empty: everyone who can connect
     dns: tuple[str, ...] = ()  # AT+QIDNSCFG primary, secondary; empty: the network's
     connect_wait: float = 5.0
+    # Unread bytes a TCP flow may buffer before the modem is asked to hold the rest (buffer
+    # access mode, 2.9); see tunnel/stream.py RX_BUFFER.
+    flow_buffer: int = 1024 * 1024
+    # Seconds a push frame or QIRD answer may pause midway before it counts as cut (a modem
+    # rebooting mid-frame); 0: derived from the baud rate (tunnel.modem.frame_timeout).
+    frame_timeout: float = 0.0
     tun: str = ""
     tun_routes: tuple[str, ...] = ()
     # Defaults as in tunnel/tun/settings.py (not imported: it would pull in pyroute2).
@@ -221,6 +227,12 @@ def _apn(key: str, v: Any) -> str:
     return text
 
 
+def _seconds_or_auto(key: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ConfigError(f"{key}: expected a number of seconds (0: automatic)")
+    return float(v)
+
+
 CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "device": _device,
     "baud": _int_in(300, 4_000_000),
@@ -237,6 +249,8 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "allow": _routes,
     "dns": _dns,
     "connect_wait": _positive,
+    "flow_buffer": _int_in(16 * 1024, 64 * 1024 * 1024),
+    "frame_timeout": _seconds_or_auto,
     "tun": _tun,
     "tun_routes": _tun_routes,
     "tun_address": _ipv4,
