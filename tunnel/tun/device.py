@@ -25,6 +25,8 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from .ratelimit import LogLimiter
+
 log = logging.getLogger(__name__)
 
 TUNSETIFF: Final = 0x400454CA  # _IOW('T', 202, int), linux/if_tun.h
@@ -74,6 +76,7 @@ class TunDevice:
         self.index = 0
         self._routes: list[ipaddress.IPv4Network] = []
         self._closed = False
+        self.limit = LogLimiter(log)  # a write fails per packet while it fails at all
 
     @classmethod
     def create(cls, config: DeviceConfig) -> "TunDevice":
@@ -143,7 +146,9 @@ class TunDevice:
             os.write(self.fd, packet)
         except OSError as exc:
             # EAGAIN never happens on a TUN write in practice; EINVAL is a malformed packet.
-            log.debug("tun write failed len=%d reason=%s", len(packet), exc.strerror)
+            self.limit(
+                logging.DEBUG, "tun write failed len=%d reason=%s", len(packet), exc.strerror
+            )
             return False
         return True
 

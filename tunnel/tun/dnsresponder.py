@@ -24,6 +24,7 @@ import trio
 
 from ..uplink import DnsAnswer, ResolveError, Uplink
 from .packet import build_udp
+from .ratelimit import LogLimiter
 from .settings import Counters
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class DnsResponder:
         counters: Counters,
         nursery: trio.Nursery,
     ) -> None:
+        self.limit = LogLimiter(log)  # every line here is one query's: rate-limited
+        self.limit.attach(nursery)
         self.uplink = uplink
         self.write = write
         self.peer = peer
@@ -165,7 +168,7 @@ class DnsResponder:
         try:
             query = parse_query(message)
         except DnsFormatError as exc:
-            log.debug("tun dns query unreadable reason=%s", exc)
+            self.limit(logging.DEBUG, "tun dns query unreadable reason=%s", exc)
             if exc.ident is not None:
                 self._reply(src, sport, format_error(exc.ident))
             return
@@ -190,17 +193,30 @@ class DnsResponder:
                 rcode = Rcode.NXDOMAIN if exc.not_found else Rcode.SERVFAIL
                 if rcode is Rcode.SERVFAIL:
                     self.counters.dns_failures += 1
-                log.debug("tun dns name=%s rcode=%s reason=%s", query.name, rcode.name, exc.reason)
+                self.limit(
+                    logging.DEBUG,
+                    "tun dns name=%s rcode=%s reason=%s",
+                    query.name,
+                    rcode.name,
+                    exc.reason,
+                )
                 self._reply(key[0], key[1], response(query, rcode))
                 return
             except Exception as exc:
                 # Outside the Uplink contract: a bug. Answer SERVFAIL and say so, but keep
                 # the interface (and every other flow) up.
                 self.counters.dns_failures += 1
-                log.error("tun dns lookup raised name=%s error=%r", query.name, exc, exc_info=exc)
+                self.limit(
+                    logging.ERROR,
+                    "tun dns lookup raised name=%s error=%r",
+                    query.name,
+                    exc,
+                    exc_info=exc,
+                )
                 self._reply(key[0], key[1], response(query, Rcode.SERVFAIL))
                 return
-            log.debug(
+            self.limit(
+                logging.DEBUG,
                 "tun dns name=%s type=%d addresses=%s ttl=%d",
                 query.name,
                 query.qtype,

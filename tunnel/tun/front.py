@@ -1,8 +1,11 @@
 """The TUN front: the interface, one reader task, and the packet dispatch.
 
-Every packet the kernel routes into the interface is read here, one per read, and goes to:
+Every packet the kernel routes into the interface is read here, one per read. Only this host's
+own packets are served, and those from `tun_allow` networks (sources.py): what the kernel
+forwards for anyone else is dropped and counted. The rest goes to:
 - TCP: the NAT (nat.py), rewritten and written straight back, or a new connection dialled
-  (splice.py); a segment of no connection is answered with a reset;
+  (splice.py), within each source's share of half-open entries; a segment of no connection is
+  answered with a reset;
 - UDP: to the peer's port 53, the DNS responder; to anywhere else, the modem's UDP service;
 - ICMP echo: to the peer, answered here; to a remote host, AT+QPING, answered with its time;
 - anything else: refused with ICMP protocol unreachable and counted (IPv6 never arrives: the
@@ -10,7 +13,8 @@ Every packet the kernel routes into the interface is read here, one per read, an
 
 The reader never waits on the modem: everything slow runs in tasks of the front's nursery. The
 interface outlives modem restarts: while the network is down, connects are refused after the
-dialer's wait and the interface stays up.
+dialer's wait and the interface stays up. Log lines a packet can cause are rate-limited
+(ratelimit.py); the counters count every one.
 """
 
 import ipaddress
@@ -37,7 +41,9 @@ from .packet import (
     is_multicast_or_broadcast,
     tcp_reset,
 )
+from .ratelimit import LogLimiter
 from .settings import Counters, TunSettings
+from .sources import AddressWatcher, SourceFilter
 from .splice import TcpSplicer
 from .udp import UdpRelay
 
@@ -46,6 +52,16 @@ log = logging.getLogger(__name__)
 BATCH: Final = 64  # packets read per wake-up before letting other tasks run
 PINGS_IN_FLIGHT: Final = 4  # AT+QPING runs one at a time; more requests than this are dropped
 _PROTOCOL_NAMES: Final = {2: "igmp", 41: "ipv6-in-ipv4", 47: "gre", 50: "esp", 132: "sctp"}
+_SOURCE_BUSY: Final = (
+    "tun syn refused reason=source-busy src=%s dst=%s limit=tun_half_open_per_source"
+)
+_HALF_OPEN_FULL: Final = (
+    "tun syn refused reason=half-open-full src=%s dst=%s limit=tun_half_open_max"
+)
+
+
+def _ends(buf: bytearray) -> tuple[str, str]:
+    return socket.inet_ntoa(buf[12:16]), socket.inet_ntoa(buf[16:20])
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +88,9 @@ class TunFront:
         self._dns: DnsResponder | None = None
         self._pings = 0
         self._changed = trio.Event()
+        # The TUN address is ours from the start; serve() reads the others and follows them.
+        self.sources = SourceFilter(settings.allow, own=(settings.address_bytes,))
+        self._limit = LogLimiter(log)
 
     def _touch(self) -> None:
         self._changed.set()
@@ -91,7 +110,9 @@ class TunFront:
             "peer": s.peer,
             "mtu": s.mtu,
             "routes": list(s.routes),
+            "allow": list(s.allow),
             "nat_entries": len(self._nat) if self._nat is not None else 0,
+            "half_open": self._nat.half_open_total if self._nat is not None else 0,
             "udp_flows": len(self._udp) if self._udp is not None else 0,
         }
         for name in Counters.__dataclass_fields__:
@@ -106,14 +127,23 @@ class TunFront:
         s = self.settings
         config = DeviceConfig(s.name, s.address, s.peer, s.mtu, s.routes)
         device = TunDevice.create(config)
+        watcher: AddressWatcher | None = None
         listener = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
+            watcher = AddressWatcher(self.sources)
             await listener.bind((s.address, 0))
             listener.listen(socket.SOMAXCONN)
             port: int = listener.getsockname()[1]
-            nat = TcpNat(s.address_bytes, s.peer_bytes, port)
+            nat = TcpNat(
+                s.address_bytes,
+                s.peer_bytes,
+                port,
+                per_source=s.half_open_per_source,
+                max_half_open=s.half_open_max,
+            )
             self._device, self._nat = device, nat
             async with trio.open_nursery() as nursery:
+                self._limit.attach(nursery)
                 write = device.write
                 self._splicer = TcpSplicer(
                     self.uplink, nat, write, s, self.counters, nursery, self._touch
@@ -124,23 +154,32 @@ class TunFront:
                         self.uplink, write, s.peer_bytes, self.counters, nursery
                     )
                 nursery.start_soon(self._splicer.accept_loop, listener)
+                nursery.start_soon(watcher.run)
                 nursery.start_soon(self._read_loop, device)
                 self.info = TunInfo(s.name, s.address, s.peer, s.mtu, port)
                 dns = f"{s.peer}:{DNS_PORT}" if s.dns else "off"
                 log.info(
-                    "tun ready name=%s address=%s peer=%s mtu=%d dns=%s routes=%s",
+                    "tun ready name=%s address=%s peer=%s mtu=%d dns=%s routes=%s serves=%s",
                     s.name,
                     s.address,
                     s.peer,
                     s.mtu,
                     dns,
                     ",".join(s.routes) or "none",
+                    ",".join(["this-host", *s.allow]),
                 )
                 task_status.started(self.info)
         finally:
             self.info = None
             listener.close()
+            if watcher is not None:
+                watcher.close()
             device.close()
+            for part in (self._splicer, self._udp, self._dns):
+                if part is not None:
+                    part.limit.flush()
+            self._limit.flush()
+            device.limit.flush()
             left = len(self._nat) if self._nat is not None else 0
             log.info(
                 "tun closed name=%s nat_entries=%d opened=%d refused=%d",
@@ -169,6 +208,18 @@ class TunFront:
         proto = buf[9]
         if ihl < 20 or ihl > len(buf):
             self.counters.refuse("malformed")
+            return
+        src = bytes(buf[12:16])
+        if not self.sources.permits(src):
+            # Forwarded for another host (ip_forward=1), or spoofed: not ours to carry.
+            self.counters.refuse("foreign-source")
+            self._limit(
+                logging.INFO,
+                "tun packet refused reason=foreign-source src=%s dst=%s proto=%d hint=tun_allow",
+                socket.inet_ntoa(src),
+                socket.inet_ntoa(buf[16:20]),
+                proto,
+            )
             return
         if buf[6] & 0x3F or buf[7]:  # MF or a fragment offset
             self.counters.refuse("fragment")
@@ -205,6 +256,15 @@ class TunFront:
             splicer.dial(entry)
         elif verdict is Verdict.RESET:
             self.counters.tcp_reset += 1
+            self._answer(tcp_reset(buf))
+        elif verdict is Verdict.BUSY:
+            # Dropped, not reset: the application's TCP sends its SYN again in a second
+            # (RFC 6298 2.1), by when one of its pending opens has likely finished.
+            self.counters.refuse("tcp-source-busy")
+            self._limit(logging.INFO, _SOURCE_BUSY, *_ends(buf))
+        elif verdict is Verdict.FULL:
+            self.counters.refuse("tcp-half-open-full")
+            self._limit(logging.INFO, _HALF_OPEN_FULL, *_ends(buf))
             self._answer(tcp_reset(buf))
         if nat.removed:
             splicer.reap()
@@ -261,7 +321,7 @@ class TunFront:
         except Exception as exc:
             # Whatever failed (network down, modem busy, a timeout), the echo goes unanswered,
             # as on a lossy path; ping reports the loss.
-            log.debug("tun ping failed dst=%s reason=%r", host, exc)
+            self._limit(logging.DEBUG, "tun ping failed dst=%s reason=%r", host, exc)
             return
         finally:
             self._pings -= 1

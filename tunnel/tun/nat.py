@@ -12,6 +12,12 @@ succeeds, then forwarded (CONNECTING); accept() makes it SPLICED; when the daemo
 socket it is CLOSED until the closing handshake is over (both FINs acknowledged, or a reset),
 then GONE. There is no idle expiry: a quiet connection keeps its entry as long as its socket.
 This module never does I/O; the caller drains `removed` to learn which entries went.
+
+Half-open entries (OPENING, CONNECTING) are the expensive ones, and a spoofed source never
+finishes its handshake: each source address may have `per_source` of them and the table
+`max_half_open`. A SYN beyond its source's share is dropped (BUSY: no state, no answer; the
+application's TCP retries), a SYN finding the table full is answered with a reset (FULL). So
+any number of SYNs costs at most `max_half_open` entries; the I/O side bounds their time.
 """
 
 import enum
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .packet import ACK, FIN, PROTO_TCP, RST, SYN, Rewrite, seq_after_or_at, u32
+from .settings import DEFAULT_HALF_OPEN_MAX, DEFAULT_HALF_OPEN_PER_SOURCE
 
 NAT_PORTS: Final = range(10000, 65536)
 
@@ -67,6 +74,9 @@ TRANSITIONS: Final[dict[State, dict[Ev, State]]] = {
 }
 
 
+HALF_OPEN: Final = frozenset({State.OPENING, State.CONNECTING})
+
+
 class NatError(Exception):
     """An event the entry's state has no transition for: a bug in the caller."""
 
@@ -76,6 +86,8 @@ class Verdict(enum.Enum):
     DROP = "drop"
     DIAL = "dial"  # a new entry: open the modem flow, then call opened() or open_failed()
     RESET = "reset"  # nobody takes this segment: answer it with a RST
+    BUSY = "busy"  # a SYN beyond its source's share of half-open entries: drop it
+    FULL = "full"  # a SYN finding the half-open table full: answer it with a RST
 
 
 Key = bytes  # source address, destination address, source port, destination port: 12 bytes
@@ -117,10 +129,21 @@ def packet_key(buf: bytes | bytearray, ihl: int) -> Key:
 
 class TcpNat:
     def __init__(
-        self, local: bytes, peer: bytes, listen_port: int, ports: range = NAT_PORTS
+        self,
+        local: bytes,
+        peer: bytes,
+        listen_port: int,
+        ports: range = NAT_PORTS,
+        *,
+        per_source: int = DEFAULT_HALF_OPEN_PER_SOURCE,
+        max_half_open: int = DEFAULT_HALF_OPEN_MAX,
     ) -> None:
         """`local`: the TUN address our listener is bound to; `peer`: the TUN peer address the
         rewritten connections appear to come from."""
+        self.per_source = per_source
+        self.max_half_open = max_half_open
+        self.half_open: dict[bytes, int] = {}  # source address -> its half-open entries
+        self.half_open_total = 0
         self.local = local
         self.peer = peer
         self.listen_port = listen_port
@@ -160,6 +183,10 @@ class TcpNat:
         if entry is None:
             if flags & (SYN | ACK | RST | FIN) != SYN:
                 return (Verdict.DROP if flags & RST else Verdict.RESET), None
+            if self.half_open.get(key[0:4], 0) >= self.per_source:
+                return Verdict.BUSY, None
+            if self.half_open_total >= self.max_half_open:
+                return Verdict.FULL, None
             entry = self._create(key, bytes(buf))
             return (Verdict.DIAL, entry) if entry is not None else (Verdict.RESET, None)
         if entry.state is State.OPENING:
@@ -262,6 +289,9 @@ class TcpNat:
         )
         self.entries[key] = entry
         self.by_port[port] = entry
+        source = key[0:4]
+        self.half_open[source] = self.half_open.get(source, 0) + 1
+        self.half_open_total += 1
         return entry
 
     def _allocate(self) -> int | None:
@@ -281,6 +311,14 @@ class TcpNat:
             new = TRANSITIONS[entry.state][event]
         except KeyError:
             raise NatError(f"event {event.name} in state {entry.state.name}") from None
+        if entry.state in HALF_OPEN and new not in HALF_OPEN:
+            source = entry.key[0:4]
+            left = self.half_open[source] - 1
+            if left:
+                self.half_open[source] = left
+            else:
+                del self.half_open[source]  # the table stays as small as the live entries
+            self.half_open_total -= 1
         entry.state = new
         if new is State.GONE:
             if self.entries.get(entry.key) is entry:

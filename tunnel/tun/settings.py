@@ -16,6 +16,21 @@ DEFAULT_MTU: Final = 9000
 DEFAULT_UDP_FLOWS: Final = 4  # modem connectIDs UDP may hold of the 12 shared with TCP
 DEFAULT_UDP_IDLE: Final = 60.0  # seconds; conntrack's unreplied UDP timeout is 30, stream 120
 MTU_RANGE: Final = range(576, 65536)  # RFC 791: every host takes 576-byte datagrams
+# Half-open TCP: a SYN whose modem open is pending (OPENING) or whose handshake with our
+# listener has not finished (CONNECTING). Each holds, or is about to hold, one of the modem's 12
+# connectIDs, so one source address gets a few at a time and the table as a whole a bounded
+# number; a source without a free share has its SYN dropped (its TCP retries in a second, RFC
+# 6298 2.1), a full table answers with a reset.
+DEFAULT_HALF_OPEN_PER_SOURCE: Final = 4
+DEFAULT_HALF_OPEN_MAX: Final = 64
+# The handshake after the modem opened is local (or one LAN hop away): it takes well under a
+# second, 7 s with three lost SYN-ACKs (1 + 2 + 4 s, RFC 6298). A spoofed source never finishes
+# it; its connectID comes back after this, not after the kernel's 63 s of SYN-ACK retries.
+DEFAULT_HALF_OPEN_TIMEOUT: Final = 10.0
+# AT+QIOPEN may take 150 s (manual 2.4) and the dialer waits `connect_wait` for a free connectID
+# first; a modem open still pending after this is cancelled (its connectID freed by AT+QICLOSE)
+# and the application hears "host unreachable".
+DEFAULT_OPEN_TIMEOUT: Final = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,8 +43,14 @@ class TunSettings:
     dns: bool = True  # answer DNS on the peer address
     udp_flows: int = DEFAULT_UDP_FLOWS
     udp_idle: float = DEFAULT_UDP_IDLE
-    accept_wait: float = 75.0  # a forwarded SYN not accepted by then: the kernel gave up (~63 s)
     close_grace: float = 60.0  # a closed socket's handshake still running then: drop the entry
+    # Networks besides this host's own addresses whose packets the interface serves (what the
+    # kernel forwards into it with ip_forward=1); empty: this host only.
+    allow: tuple[str, ...] = ()
+    half_open_per_source: int = DEFAULT_HALF_OPEN_PER_SOURCE
+    half_open_max: int = DEFAULT_HALF_OPEN_MAX
+    half_open_timeout: float = DEFAULT_HALF_OPEN_TIMEOUT  # modem open -> accept()
+    open_timeout: float = DEFAULT_OPEN_TIMEOUT  # SYN -> modem open
 
     def __post_init__(self) -> None:
         """Misuse raises at once, naming the setting (config.py names the key for files)."""
@@ -49,6 +70,21 @@ class TunSettings:
         for route in self.routes:
             if not isinstance(ipaddress.ip_network(route, strict=False), ipaddress.IPv4Network):
                 raise ValueError(f"tun_routes: {route} is IPv6; the modem carries IPv4 only")
+        for network in self.allow:
+            try:
+                ipaddress.IPv4Network(network, strict=False)
+            except ValueError:
+                raise ValueError(f"tun_allow: {network!r} is not an IPv4 network") from None
+        if self.half_open_per_source < 1:
+            raise ValueError("tun_half_open_per_source: at least 1")
+        if self.half_open_max < self.half_open_per_source:
+            raise ValueError("tun_half_open_max: at least tun_half_open_per_source")
+        for key, value in (
+            ("tun_half_open_timeout", self.half_open_timeout),
+            ("tun_open_timeout", self.open_timeout),
+        ):
+            if not value > 0:
+                raise ValueError(f"{key}: must be positive")
 
     @classmethod
     def from_settings(cls, settings: Any) -> "TunSettings":
@@ -63,6 +99,13 @@ class TunSettings:
             dns=getattr(settings, "tun_dns", True),
             udp_flows=getattr(settings, "tun_udp_flows", DEFAULT_UDP_FLOWS),
             udp_idle=getattr(settings, "tun_udp_idle", DEFAULT_UDP_IDLE),
+            allow=tuple(getattr(settings, "tun_allow", ())),
+            half_open_per_source=getattr(
+                settings, "tun_half_open_per_source", DEFAULT_HALF_OPEN_PER_SOURCE
+            ),
+            half_open_max=getattr(settings, "tun_half_open_max", DEFAULT_HALF_OPEN_MAX),
+            half_open_timeout=getattr(settings, "tun_half_open_timeout", DEFAULT_HALF_OPEN_TIMEOUT),
+            open_timeout=getattr(settings, "tun_open_timeout", DEFAULT_OPEN_TIMEOUT),
         )
 
     @property

@@ -5,6 +5,10 @@ One task per connection (`TcpSplicer._run`): it opens the modem flow while the N
 answers a failure with a reset (or ICMP unreachable), forwards the SYN, waits for the listener to
 accept, splices both ways with half-close preserved, closes, and waits for the closing handshake
 to finish in the kernel before the NAT entry goes. The accept loop only hands sockets over.
+
+Both half-open waits are bounded, since a connectID is held (or about to be) through them: the
+modem open by `open_timeout` (and cut short when the application resets meanwhile), the
+handshake by `half_open_timeout` (a spoofed source never completes it).
 """
 
 import contextlib
@@ -21,6 +25,7 @@ from proxy import DialError, ReplyCode
 from ..uplink import Uplink
 from .nat import Entry, State, TcpNat
 from .packet import UNREACH_HOST, UNREACH_NET, icmp_error, tcp_reset
+from .ratelimit import LogLimiter
 from .settings import Counters, TunSettings
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class Flow:
         self.sock: trio.socket.SocketType | None = None
         self.ready = trio.Event()  # accepted, or the entry went before it was
         self.gone = trio.Event()  # the NAT entry was removed
+        self.opening: trio.CancelScope | None = None  # the modem open, while it runs
 
 
 class TcpSplicer:
@@ -71,6 +77,8 @@ class TcpSplicer:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.uplink = uplink
+        self.limit = LogLimiter(log)  # lines one SYN can cause
+        self.limit.attach(nursery)
         self.nat = nat
         self.write = write
         self.settings = settings
@@ -90,6 +98,9 @@ class TcpSplicer:
             if isinstance(entry.owner, Flow):
                 entry.owner.ready.set()
                 entry.owner.gone.set()
+                if entry.owner.opening is not None:
+                    # The application gave up: its connectID is not worth waiting for.
+                    entry.owner.opening.cancel()
         if self.nat.removed:
             self.nat.removed.clear()
             self.on_change()
@@ -101,7 +112,7 @@ class TcpSplicer:
             entry = self.nat.accepted(port) if host == peer else None
             flow = entry.owner if entry is not None else None
             if not isinstance(flow, Flow):
-                log.debug("tun accept without entry peer=%s:%d", host, port)
+                self.limit(logging.DEBUG, "tun accept without entry peer=%s:%d", host, port)
                 _reset_close(sock)
                 continue
             flow.sock = sock
@@ -113,16 +124,13 @@ class TcpSplicer:
         src_host, src_port = entry.source
         src = f"{src_host}:{src_port}"
         dst = f"{host}:{port}"
+        remote: trio.abc.HalfCloseableStream | None = None
+        flow.opening = trio.CancelScope(deadline=trio.current_time() + self.settings.open_timeout)
         try:
-            remote = await self.uplink.open_tcp(host, port)
+            with flow.opening:
+                remote = await self.uplink.open_tcp(host, port)
         except DialError as exc:
-            self.counters.tcp_refused += 1
-            self.nat.open_failed(entry)
-            self.reap()
-            answer = refusal(entry.held_syn, exc.reply, self.settings.peer_bytes)
-            if answer is not None:
-                self.write(answer)
-            log.info("tun connect refused src=%s dst=%s reply=%s", src, dst, exc.reply.name)
+            self._refuse(entry, exc.reply, src, dst)
             return
         except Exception as exc:
             # Outside the Uplink contract: a bug. Refuse this connection and say so, but keep
@@ -133,12 +141,28 @@ class TcpSplicer:
             answer = tcp_reset(entry.held_syn)
             if answer is not None:
                 self.write(answer)
-            log.error("tun connect raised src=%s dst=%s error=%r", src, dst, exc, exc_info=exc)
+            self.limit(
+                logging.ERROR,
+                "tun connect raised src=%s dst=%s error=%r",
+                src,
+                dst,
+                exc,
+                exc_info=exc,
+            )
             return
         except BaseException:
             self.nat.open_failed(entry)
             self.reap()
             raise
+        finally:
+            flow.opening = None
+        if remote is None:
+            if flow.gone.is_set():
+                self.limit(logging.DEBUG, "tun connect abandoned src=%s dst=%s", src, dst)
+            else:
+                # As the dialer maps a QIOPEN timeout: the application hears "host unreachable".
+                self._refuse(entry, ReplyCode.TTL_EXPIRED, src, dst)
+            return
         self.counters.tcp_opened += 1
         try:
             spliced = await self._serve(flow, remote, src, dst)
@@ -155,6 +179,15 @@ class TcpSplicer:
                 self.nat.expire(entry)
                 self.reap()
 
+    def _refuse(self, entry: Entry, reply: ReplyCode, src: str, dst: str) -> None:
+        self.counters.tcp_refused += 1
+        self.nat.open_failed(entry)
+        self.reap()
+        answer = refusal(entry.held_syn, reply, self.settings.peer_bytes)
+        if answer is not None:
+            self.write(answer)
+        self.limit(logging.INFO, "tun connect refused src=%s dst=%s reply=%s", src, dst, reply.name)
+
     async def _serve(
         self, flow: Flow, remote: trio.abc.HalfCloseableStream, src: str, dst: str
     ) -> bool:
@@ -162,11 +195,11 @@ class TcpSplicer:
         entry = flow.entry
         syn = self.nat.opened(entry)
         if syn is None:
-            log.debug("tun connect abandoned by the application src=%s dst=%s", src, dst)
+            self.limit(logging.DEBUG, "tun connect abandoned src=%s dst=%s", src, dst)
             return False
         self.write(syn)
         try:
-            with trio.move_on_after(self.settings.accept_wait):
+            with trio.move_on_after(self.settings.half_open_timeout):
                 await flow.ready.wait()
         except BaseException:
             if flow.sock is not None:  # accepted just as we were cancelled: no socket leaks
@@ -174,7 +207,7 @@ class TcpSplicer:
             raise
         sock = flow.sock
         if sock is None:
-            log.debug("tun connect never accepted src=%s dst=%s", src, dst)
+            self.limit(logging.DEBUG, "tun connect never accepted src=%s dst=%s", src, dst)
             self.nat.expire(entry)
             self.reap()
             return False

@@ -28,6 +28,7 @@ from .packet import (
     build_udp,
     icmp_error,
 )
+from .ratelimit import LogLimiter
 from .settings import Counters, TunSettings
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ class UdpRelay:
         nursery: trio.Nursery,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
+        # Every line here follows from one datagram of a new endpoint: rate-limited.
+        self.limit = LogLimiter(log)
+        self.limit.attach(nursery)
         self.uplink = uplink
         self.write = write
         self.settings = settings
@@ -96,7 +100,7 @@ class UdpRelay:
         if mapping is None:
             if len(self.mappings) >= self.settings.udp_flows:
                 _, oldest = self.mappings.popitem(last=False)
-                log.info("tun udp flow evicted src=%s", _show(oldest.endpoint))
+                self.limit(logging.INFO, "tun udp flow evicted src=%s", _show(oldest.endpoint))
                 oldest.scope.cancel()
             mapping = _Mapping(endpoint, bytes(packet), self.settings.udp_idle)
             self.mappings[endpoint] = mapping
@@ -116,7 +120,9 @@ class UdpRelay:
                 try:
                     flow = await self.uplink.open_udp()
                 except DialError as exc:
-                    log.info("tun udp flow refused src=%s reply=%s", who, exc.reply.name)
+                    self.limit(
+                        logging.INFO, "tun udp flow refused src=%s reply=%s", who, exc.reply.name
+                    )
                     answer = icmp_error(
                         mapping.first, self.settings.peer_bytes, 3, _unreach_code(exc.reply)
                     )
@@ -126,10 +132,12 @@ class UdpRelay:
                 except Exception as exc:
                     # Outside the Uplink contract: a bug. Drop this mapping and say so, but keep
                     # the interface up.
-                    log.error("tun udp open raised src=%s error=%r", who, exc, exc_info=exc)
+                    self.limit(
+                        logging.ERROR, "tun udp open raised src=%s error=%r", who, exc, exc_info=exc
+                    )
                     return
                 self.counters.udp_flows_opened += 1
-                log.debug("tun udp flow open src=%s", who)
+                self.limit(logging.DEBUG, "tun udp flow open src=%s", who)
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._send, mapping, flow)
@@ -144,7 +152,7 @@ class UdpRelay:
             dropped = mapping.inbox.statistics().current_buffer_used
             self.counters.udp_dropped += dropped
             mapping.inbox.close()
-            log.debug("tun udp flow closed src=%s", who)
+            self.limit(logging.DEBUG, "tun udp flow closed src=%s", who)
 
     async def _send(self, mapping: _Mapping, flow: UdpFlow) -> None:
         async for payload, remote in mapping.inbox:
@@ -155,10 +163,16 @@ class UdpRelay:
                 return
             except (DialError, ValueError) as exc:
                 self.counters.udp_dropped += 1
-                log.debug("tun udp send failed dst=%s:%d reason=%s", *remote, exc)
+                self.limit(logging.DEBUG, "tun udp send failed dst=%s:%d reason=%s", *remote, exc)
                 continue
             except Exception as exc:  # outside the UdpFlow contract: end this mapping only
-                log.error("tun udp send raised dst=%s:%d error=%r", *remote, exc, exc_info=exc)
+                self.limit(
+                    logging.ERROR,
+                    "tun udp send raised dst=%s:%d error=%r",
+                    *remote,
+                    exc,
+                    exc_info=exc,
+                )
                 mapping.scope.cancel()
                 return
             self.counters.udp_sent += 1
@@ -173,7 +187,7 @@ class UdpRelay:
                 mapping.scope.cancel()
                 return
             except Exception as exc:  # outside the UdpFlow contract: end this mapping only
-                log.error("tun udp receive raised error=%r", exc, exc_info=exc)
+                self.limit(logging.ERROR, "tun udp receive raised error=%r", exc, exc_info=exc)
                 mapping.scope.cancel()
                 return
             try:

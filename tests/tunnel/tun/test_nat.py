@@ -1,5 +1,5 @@
-"""nat.py: the entry lifecycle under any order of events (hypothesis state machine), and the
-rewrite in both directions."""
+"""nat.py: the entry lifecycle and the half-open caps under any order of events (hypothesis
+state machine), and the rewrite in both directions."""
 
 import socket
 import struct
@@ -15,12 +15,21 @@ from tunnel.tun.nat import TRANSITIONS, Ev, NatError, State, TcpNat, Verdict
 A = socket.inet_aton("10.119.73.1")  # TUN address, the listener's
 P = socket.inet_aton("10.119.73.2")  # TUN peer
 D = socket.inet_aton("198.18.0.1")  # the application's destination
+L = socket.inet_aton("192.168.77.2")  # a second source (a LAN host in tun_allow)
 LISTEN = 4321
 APP_PORTS = st.integers(40000, 40005)
+SOURCES = st.sampled_from([A, L])
+PER_SOURCE = 2
+MAX_HALF_OPEN = 3  # < 2 * PER_SOURCE, and < the 4 NAT ports: every limit is reached
+HALF_OPEN = (State.OPENING, State.CONNECTING)  # the modem open or the handshake still pending
+
+Key = tuple[bytes, int]  # the model's connection key: source address, port
 
 
-def app_segment(sport: int, flags: int, seq: int = 0, ack: int = 0, data: bytes = b"") -> bytearray:
-    return bytearray(p.build_tcp(A, D, sport, 80, seq=seq, ack=ack, flags=flags, payload=data))
+def app_segment(
+    sport: int, flags: int, seq: int = 0, ack: int = 0, data: bytes = b"", src: bytes = A
+) -> bytearray:
+    return bytearray(p.build_tcp(src, D, sport, 80, seq=seq, ack=ack, flags=flags, payload=data))
 
 
 def listener_segment(nat_port: int, flags: int, seq: int = 0, ack: int = 0) -> bytearray:
@@ -58,31 +67,49 @@ class Conn:
 class NatMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.nat = TcpNat(A, P, LISTEN, ports=range(20000, 20004))  # small: exhaustion happens
-        self.conns: dict[int, Conn] = {}  # app port -> model
-        self.entries = {}  # app port -> Entry
+        self.nat = TcpNat(
+            A,
+            P,
+            LISTEN,
+            ports=range(20000, 20004),  # small: exhaustion happens
+            per_source=PER_SOURCE,
+            max_half_open=MAX_HALF_OPEN,
+        )
+        self.conns: dict[Key, Conn] = {}  # the model
+        self.entries = {}  # Key -> Entry
 
-    def live(self, *states: State) -> list[int]:
+    def live(self, *states: State) -> list[Key]:
         return sorted(k for k, c in self.conns.items() if c.state in states)
 
-    def gone(self, port: int) -> None:
-        self.conns[port].state = State.GONE
-        assert self.entries[port].state is State.GONE
-        assert self.entries[port] in self.nat.removed
+    def half_open(self, src: bytes | None = None) -> int:
+        return sum(1 for k in self.live(*HALF_OPEN) if src is None or k[0] == src)
 
-    @rule(port=APP_PORTS)
-    def app_syn(self, port: int) -> None:
-        conn = self.conns.get(port)
-        verdict, entry = self.nat.handle(app_segment(port, p.SYN, seq=999), 20)
+    def gone(self, key: Key) -> None:
+        self.conns[key].state = State.GONE
+        assert self.entries[key].state is State.GONE
+        assert self.entries[key] in self.nat.removed
+
+    @rule(src=SOURCES, port=APP_PORTS)
+    def app_syn(self, src: bytes, port: int) -> None:
+        key = (src, port)
+        conn = self.conns.get(key)
+        verdict, entry = self.nat.handle(app_segment(port, p.SYN, seq=999, src=src), 20)
         if conn is None or conn.state in (State.GONE, State.CLOSED):
             if conn is not None and conn.state is State.CLOSED:
-                self.gone(port)  # reused: the old entry is over
-            if len(self.nat) == 4 and verdict is Verdict.RESET:
-                return  # every NAT port is taken
+                self.gone(key)  # reused: the old entry is over
+            if self.half_open(src) >= PER_SOURCE:
+                assert (verdict, entry) == (Verdict.BUSY, None)
+                return
+            if self.half_open() >= MAX_HALF_OPEN:
+                assert (verdict, entry) == (Verdict.FULL, None)
+                return
+            if len(self.live(*HALF_OPEN, State.SPLICED, State.CLOSED)) == 4:
+                assert (verdict, entry) == (Verdict.RESET, None)  # every NAT port is taken
+                return
             assert verdict is Verdict.DIAL
             assert entry is not None
-            self.conns[port] = Conn()
-            self.entries[port] = entry
+            self.conns[key] = Conn()
+            self.entries[key] = entry
         elif conn.state is State.OPENING:
             assert verdict is Verdict.DROP  # held: no SYN reaches the listener before the modem
         else:
@@ -91,34 +118,44 @@ class NatMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.live(State.OPENING))
     @rule(data=st.data(), ok=st.booleans())
     def modem_answers(self, data: st.DataObject, ok: bool) -> None:
-        port = data.draw(st.sampled_from(self.live(State.OPENING)))
-        entry = self.entries[port]
+        key = data.draw(st.sampled_from(self.live(State.OPENING)))
+        entry = self.entries[key]
         if not ok:
             self.nat.open_failed(entry)
-            self.gone(port)
+            self.gone(key)
             return
         syn = self.nat.opened(entry)
         assert syn is not None
         assert addresses(syn) == (P, A, entry.nat_port, LISTEN)
         assert checks(syn)
-        self.conns[port].state = State.CONNECTING
+        self.conns[key].state = State.CONNECTING
+
+    @precondition(lambda self: self.live(State.OPENING))
+    @rule(data=st.data())
+    def app_gives_up_while_opening(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(self.live(State.OPENING)))
+        src, port = key
+        verdict, _ = self.nat.handle(app_segment(port, p.RST | p.ACK, seq=1000, src=src), 20)
+        assert verdict is Verdict.DROP
+        self.gone(key)
 
     @precondition(lambda self: self.live(State.CONNECTING))
     @rule(data=st.data())
     def listener_accepts(self, data: st.DataObject) -> None:
-        port = data.draw(st.sampled_from(self.live(State.CONNECTING)))
-        assert self.nat.accepted(self.entries[port].nat_port) is self.entries[port]
-        self.conns[port].state = State.SPLICED
+        key = data.draw(st.sampled_from(self.live(State.CONNECTING)))
+        assert self.nat.accepted(self.entries[key].nat_port) is self.entries[key]
+        self.conns[key].state = State.SPLICED
 
     @precondition(lambda self: self.live(State.CONNECTING, State.SPLICED, State.CLOSED))
     @rule(data=st.data(), from_app=st.booleans(), kind=st.sampled_from(["data", "fin", "rst"]))
     def segment(self, data: st.DataObject, from_app: bool, kind: str) -> None:
-        port = data.draw(st.sampled_from(self.live(State.CONNECTING, State.SPLICED, State.CLOSED)))
-        conn, entry = self.conns[port], self.entries[port]
+        key = data.draw(st.sampled_from(self.live(State.CONNECTING, State.SPLICED, State.CLOSED)))
+        (src, port), conn, entry = key, self.conns[key], self.entries[key]
         flags = p.ACK | {"data": 0, "fin": p.FIN, "rst": p.RST}[kind]
         if from_app:
             seq, ack = conn.app_seq, conn.srv_seq
-            buf = app_segment(port, flags, seq=seq, ack=ack, data=b"x" if kind == "data" else b"")
+            payload = b"x" if kind == "data" else b""
+            buf = app_segment(port, flags, seq=seq, ack=ack, data=payload, src=src)
         else:
             seq, ack = conn.srv_seq, conn.app_seq
             buf = listener_segment(entry.nat_port, flags, seq=seq, ack=ack)
@@ -128,7 +165,7 @@ class NatMachine(RuleBasedStateMachine):
         if from_app:
             assert addresses(buf) == (P, A, entry.nat_port, LISTEN)
         else:
-            assert addresses(buf) == (D, A, 80, port)  # back to the application, as sent
+            assert addresses(buf) == (D, src, 80, port)  # back to the application, as sent
         # The model: a FIN takes one sequence number; this segment acknowledges the other side.
         if from_app:
             conn.srv_fin_acked |= conn.srv_fin
@@ -145,33 +182,33 @@ class NatMachine(RuleBasedStateMachine):
         if (conn.state is State.CONNECTING and kind == "rst") or (
             conn.state is State.CLOSED and conn.finished
         ):
-            self.gone(port)
+            self.gone(key)
 
     @precondition(lambda self: self.live(State.SPLICED))
     @rule(data=st.data())
     def daemon_closes_socket(self, data: st.DataObject) -> None:
-        port = data.draw(st.sampled_from(self.live(State.SPLICED)))
-        gone = self.nat.socket_closed(self.entries[port])
-        assert gone is self.conns[port].finished
+        key = data.draw(st.sampled_from(self.live(State.SPLICED)))
+        gone = self.nat.socket_closed(self.entries[key])
+        assert gone is self.conns[key].finished
         if gone:
-            self.gone(port)
+            self.gone(key)
         else:
-            self.conns[port].state = State.CLOSED
+            self.conns[key].state = State.CLOSED
 
     @precondition(lambda self: self.live(State.CONNECTING, State.CLOSED))
     @rule(data=st.data())
     def waited_too_long(self, data: st.DataObject) -> None:
-        port = data.draw(st.sampled_from(self.live(State.CONNECTING, State.CLOSED)))
-        self.nat.expire(self.entries[port])
-        self.gone(port)
+        key = data.draw(st.sampled_from(self.live(State.CONNECTING, State.CLOSED)))
+        self.nat.expire(self.entries[key])
+        self.gone(key)
 
-    @rule(port=APP_PORTS)
-    def stray_segment_is_reset(self, port: int) -> None:
-        if port in self.live(State.OPENING, State.CONNECTING, State.SPLICED, State.CLOSED):
+    @rule(src=SOURCES, port=APP_PORTS)
+    def stray_segment_is_reset(self, src: bytes, port: int) -> None:
+        if (src, port) in self.live(State.OPENING, State.CONNECTING, State.SPLICED, State.CLOSED):
             return
-        verdict, _ = self.nat.handle(app_segment(port, p.ACK, seq=1, ack=1), 20)
+        verdict, _ = self.nat.handle(app_segment(port, p.ACK, seq=1, ack=1, src=src), 20)
         assert verdict is Verdict.RESET
-        verdict, _ = self.nat.handle(app_segment(port, p.RST, seq=1), 20)
+        verdict, _ = self.nat.handle(app_segment(port, p.RST, seq=1, src=src), 20)
         assert verdict is Verdict.DROP
 
     @invariant()
@@ -179,8 +216,15 @@ class NatMachine(RuleBasedStateMachine):
         live = {k: self.entries[k] for k in self.live(*(s for s in State if s is not State.GONE))}
         assert {e.key for e in live.values()} == set(self.nat.entries)
         assert {e.nat_port: e for e in live.values()} == self.nat.by_port
-        for port, entry in self.entries.items():
-            assert entry.state is self.conns[port].state
+        for key, entry in self.entries.items():
+            assert entry.state is self.conns[key].state
+
+    @invariant()
+    def half_open_counts_agree_with_the_model(self) -> None:
+        expected = {src: self.half_open(src) for src in (A, L) if self.half_open(src)}
+        assert self.nat.half_open == expected  # no zero counts left behind either
+        assert self.nat.half_open_total == self.half_open()
+        assert self.nat.half_open_total <= MAX_HALF_OPEN
 
 
 TestNatMachine = NatMachine.TestCase
