@@ -15,19 +15,24 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 import trio
 
 from tunnel.at.constants import CTRL_Z, ESC, MAX_SEND_LEN
 from tunnel.emulator import general, services, tcpip
-from tunnel.emulator.faults import FaultControl, Settings, TimedFault, fire, parse_fault
+from tunnel.emulator.faults import Config, FaultControl, Settings, TimedFault, fire, parse_fault
 from tunnel.emulator.general import Handler
 from tunnel.emulator.line import SerialLine, frame
-from tunnel.emulator.params import INVALID_PARAMETERS, CmdError, parse_command, split_line
+from tunnel.emulator.params import (
+    INVALID_PARAMETERS,
+    CmdError,
+    is_tcpip,
+    parse_command,
+    redact,
+    split_line,
+)
 from tunnel.emulator.session import HISTORY, SIM_READY, SendJob, Session
 
 log = logging.getLogger(__name__)
@@ -38,35 +43,8 @@ _CTRL_Z: Final = bytes([CTRL_Z])
 _ESC: Final = bytes([ESC])
 
 
-def is_tcpip(name: str) -> bool:
-    """Commands of this manual; their errors set AT+QIGETERROR's code (2.15)."""
-    return name.startswith("+QI") or name in ("+QPING", "+QNTP")
-
-
-def redact(text: str) -> str:
-    """A command line fit for the log: PINs (+CPIN) and credentials (+QICSGP) masked."""
-    upper = text.upper()
-    if "+CPIN" in upper or "+QICSGP" in upper:
-        return re.sub(r'"[^"]*"', '"***"', text)
-    return text
-
-
 class LineClosed(Exception):
     """The serial stream reached end of file."""
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """Constructor settings after fault specs were applied."""
-
-    baud: int | None
-    cmee: int
-    ip_base: str
-    push_trailing_crlf: bool
-    boot_delay: float
-    open_delay: float
-    qiact_delay: float
-    dns_ttl: int
 
 
 class Stats:
@@ -134,6 +112,7 @@ class Emulator:
         )
         self._reboot = trio.Event()
         self._lose_output = False
+        self._silence = 0.0
         self._changed = trio.Event()
 
     # -- observation -----------------------------------------------------------------------
@@ -163,11 +142,19 @@ class Emulator:
 
     # -- control used by faults and handlers -----------------------------------------------
 
-    def request_reboot(self, lose_output: bool) -> None:
-        """Reboot now; `lose_output` drops frames not yet on the wire (a brownout)."""
+    def request_reboot(self, lose_output: bool, silence: float = 0.0) -> None:
+        """Reboot now; `lose_output` drops frames not yet on the wire; `silence`: seconds of
+        nothing (input discarded) before the boot sequence."""
         self.faults.hung = False
         self._lose_output = lose_output
+        self._silence = silence
         self._reboot.set()
+
+    def brownout(self, silence: float) -> None:
+        """The supply sagged: output stops at the byte on the wire, then a silent reboot."""
+        if self.line is not None:
+            self.line.cut_now()
+        self.request_reboot(lose_output=True, silence=silence)
 
     def reboot_when_drained(self) -> None:
         """AT+CFUN=1,1: the OK goes out first, then the modem restarts."""
@@ -238,9 +225,19 @@ class Emulator:
             if session is not None:
                 session.close_all()
             self.session = None
-        log.info("rebooting lose_output=%s", self._lose_output)
+        log.info("rebooting lose_output=%s silence=%s", self._lose_output, self._silence)
         if self._lose_output:
             line.clear()
+        if self._silence > 0:
+            await self._stay_silent(line, self._silence)
+        line.power_on()
+
+    async def _stay_silent(self, line: SerialLine, silence: float) -> None:
+        """Powered down: say nothing and lose whatever the host sends meanwhile."""
+        with trio.move_on_after(silence):
+            while await line.receive():
+                pass
+            raise LineClosed
 
     async def _boot(self, s: Session) -> None:
         await trio.sleep(self.config.boot_delay)

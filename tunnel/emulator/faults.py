@@ -24,19 +24,31 @@ FAULT_SPECS: Final = (
     'AT+CPIN="PIN"; 3 wrong tries lock it to SIM PUK); no-sim (+CME ERROR: 10); searching:S '
     "(registration stays 2 'searching' for S seconds after every boot); qiact-fail:N and "
     "send-fail:N (the next N AT+QIACT fail with 556 / the next N QISEND data blocks answer SEND "
-    "FAIL); boot-delay:S, open-delay:S, qiact-delay:S (seconds); swtmd-held:MODE (what "
-    "AT+QISWTMD=<id>,1 does with data the modem holds, which the manual leaves open: flush = "
-    "push it out right after the OK, the default; keep = leave it for AT+QIRD and push newer "
-    "data at once; queue = leave it for AT+QIRD and queue newer data behind it until read). "
-    "Timed events, S seconds after "
+    "FAIL); boot-delay:S, open-delay:S, qiact-delay:S (seconds). Readings of what the manual "
+    "leaves open: swtmd-held:MODE, what AT+QISWTMD=<id>,1 does with data the modem holds (2.9): "
+    "atomic = all of it pushed right after the OK, before any other output (the default; flush "
+    "is the same); gradual = pushed chunk by chunk from one queue, other output landing between "
+    "chunks, newer data queued behind it, an AT+QIRD meanwhile reading from its head, and a "
+    '"closed" URC only after the last held byte; keep = left for AT+QIRD, newer data pushed at '
+    "once (overtaking it); queue = left for AT+QIRD, newer data queued behind it and not pushed "
+    "until AT+QIRD has emptied the queue. qird-push:MODE, what AT+QIRD does on a socket in "
+    "push mode: data = reads what the socket holds (the default); empty = every read answers "
+    "+QIRD: 0 (AT+QIRD=<id>,0 still gives the counts); error = ERROR, AT+QIGETERROR 566, for "
+    "both forms. Timed events, S seconds after "
     "the emulator starts: pdpdeact-after:S[:CTX] (the network drops context CTX, default 1), "
     "hang-after:S[:cfun] (stop answering; with :cfun only AT+CFUN=1,1 is still obeyed), "
-    "reboot-after:S (spontaneous reboot), remote-close-after:S:ID (the far end closes connectID "
+    "reboot-after:S[:SILENCE] (brownout: the output stops at the byte being written, even "
+    "inside a frame, then SILENCE seconds of nothing, default 2, then RDY and the boot URCs "
+    "with echo on), remote-close-after:S:ID (the far end closes connectID "
     "ID), garbage-every:S (a line of junk on the serial line every S seconds)."
 )
 
 SIM_STATES: Final = ("ready", "pin", "puk", "absent")
-SWTMD_HELD: Final = ("flush", "keep", "queue")
+SWTMD_HELD: Final = ("atomic", "gradual", "keep", "queue")
+SWTMD_ALIASES: Final = {"flush": "atomic"}  # its first name, before gradual existed
+QIRD_PUSH: Final = ("data", "empty", "error")
+# A UC20 whose supply sagged is silent for about this long before RDY.
+BROWNOUT_SILENCE: Final = 2.0
 # What garbage-every writes: not a valid line, but never a fake prompt or URC either.
 GARBAGE: Final = b"\r\n\xff\xfe#GARBAGE@\x00\r\n"
 
@@ -49,6 +61,17 @@ class TimedFault:
     delay: float
     arg: int = 0
     repeat: bool = False
+    silence: float = 0.0  # reboot: seconds of nothing between the cut and RDY
+
+
+@dataclass(frozen=True, slots=True)
+class FrameCut:
+    """An armed `brownout_mid_frame`: the next push frame (of `connect_id`, if set) longer than
+    `after_payload_bytes` goes out only that far into its payload, then the modem browns out."""
+
+    after_payload_bytes: int
+    silence: float
+    connect_id: int | None
 
 
 @dataclass(slots=True)
@@ -62,13 +85,29 @@ class Settings:
     qiact_delay: float
 
 
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Constructor settings after fault specs were applied."""
+
+    baud: int | None
+    cmee: int
+    ip_base: str
+    push_trailing_crlf: bool
+    boot_delay: float
+    open_delay: float
+    qiact_delay: float
+    dns_ttl: int
+
+
 class FaultControl:
     """Live fault hooks. Methods act on the running modem; settings persist across reboots."""
 
     def __init__(self, emulator: Emulator) -> None:
         self._emu = emulator
         self.open_error_immediate = False
-        self.swtmd_held = "flush"  # see SWTMD_HELD and FAULT_SPECS
+        self._swtmd_held = "atomic"
+        self._qird_push = "data"
+        self.frame_cut: FrameCut | None = None
         self.send_fail_left = 0
         self.qiact_fail_left = 0
         self.hung = False
@@ -80,6 +119,29 @@ class FaultControl:
         self.puk = "12345678"
         self.pin_tries_left = 3
         self.timed: list[TimedFault] = []
+
+    @property
+    def swtmd_held(self) -> str:
+        """The reading of AT+QISWTMD=<id>,1 with held data: one of SWTMD_HELD (receive.py)."""
+        return self._swtmd_held
+
+    @swtmd_held.setter
+    def swtmd_held(self, mode: str) -> None:
+        mode = SWTMD_ALIASES.get(mode, mode)
+        if mode not in SWTMD_HELD:
+            raise ValueError(f"swtmd-held: expected one of {', '.join(SWTMD_HELD)}, got {mode!r}")
+        self._swtmd_held = mode
+
+    @property
+    def qird_push(self) -> str:
+        """What AT+QIRD does on a socket in push mode: one of QIRD_PUSH (tcpip.on_qird)."""
+        return self._qird_push
+
+    @qird_push.setter
+    def qird_push(self, mode: str) -> None:
+        if mode not in QIRD_PUSH:
+            raise ValueError(f"qird-push: expected one of {', '.join(QIRD_PUSH)}, got {mode!r}")
+        self._qird_push = mode
 
     def pdpdeact(self, ctx: int = 1, *, silent: bool = False) -> None:
         """The network deactivates `ctx`: its sockets die and +QIURC: "pdpdeact",<ctx> (2.16.5);
@@ -101,10 +163,39 @@ class FaultControl:
         self.hung = False
         self._emu.request_reboot(lose_output=True)
 
-    def reboot(self) -> None:
-        """Spontaneous reboot (brownout): everything gone, then the boot sequence with RDY."""
-        log.info("fault reboot")
-        self._emu.request_reboot(lose_output=True)
+    def reboot(self, silence: float = BROWNOUT_SILENCE) -> None:
+        """Spontaneous reboot (brownout): the output stops at the byte on the wire (inside a
+        frame if it is one's turn), everything is gone, `silence` seconds of nothing (input
+        lost too), then the boot sequence with RDY and echo on."""
+        if silence < 0:
+            raise ValueError(f"silence: must not be negative, got {silence}")
+        log.info("fault reboot silence=%s", silence)
+        self._emu.brownout(silence)
+
+    def brownout_mid_frame(
+        self,
+        after_payload_bytes: int,
+        silence: float = BROWNOUT_SILENCE,
+        connect_id: int | None = None,
+    ) -> None:
+        """Arm a brownout inside a push frame: the next push frame (of `connect_id`, if given)
+        whose payload is longer than `after_payload_bytes` goes out up to that many payload
+        bytes, then the modem reboots as in `reboot(silence)`. Shorter frames go out whole."""
+        if after_payload_bytes < 1:
+            raise ValueError(f"after_payload_bytes: must be at least 1, got {after_payload_bytes}")
+        if silence < 0:
+            raise ValueError(f"silence: must not be negative, got {silence}")
+        self.frame_cut = FrameCut(after_payload_bytes, silence, connect_id)
+
+    def take_frame_cut(self, connect_id: int, length: int) -> FrameCut | None:
+        """The armed cut, disarmed, if it applies to a push frame of `length` payload bytes."""
+        cut = self.frame_cut
+        if cut is None or length <= cut.after_payload_bytes:
+            return None
+        if cut.connect_id is not None and cut.connect_id != connect_id:
+            return None
+        self.frame_cut = None
+        return cut
 
     def send_fail(self, count: int) -> None:
         """The next `count` QISEND data submissions answer SEND FAIL and discard the data."""
@@ -125,7 +216,7 @@ class FaultControl:
         if session is None or conn is None or not conn.is_stream:
             log.info("fault remote-close ignored id=%d", connect_id)
             return
-        conn.close_now()
+        conn.close_host()  # what the modem holds for it stays
         session.remote_closed(conn)
 
     def set_registration(self, stat: int | None) -> None:
@@ -171,8 +262,8 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
     args = rest.split(":") if rest else []
     flags = {"push-no-crlf", "open-error-immediate", "no-sim"}
     one_arg = {"cmee", "sim-pin", "searching", "qiact-fail", "send-fail", "boot-delay",
-               "open-delay", "qiact-delay", "reboot-after", "garbage-every",
-               "swtmd-held"}  # fmt: skip
+               "open-delay", "qiact-delay", "garbage-every", "swtmd-held",
+               "qird-push"}  # fmt: skip
     if name in flags and args:
         raise ValueError(f"fault {spec!r}: takes no argument")
     if name in one_arg and len(args) != 1:
@@ -188,9 +279,13 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
             raise ValueError(f"fault {spec!r}: cmee is 0, 1 or 2")
         settings.cmee = int(args[0])
     elif name == "swtmd-held":
-        if args[0] not in SWTMD_HELD:
+        if SWTMD_ALIASES.get(args[0], args[0]) not in SWTMD_HELD:
             raise ValueError(f"fault {spec!r}: swtmd-held is one of {', '.join(SWTMD_HELD)}")
         faults.swtmd_held = args[0]
+    elif name == "qird-push":
+        if args[0] not in QIRD_PUSH:
+            raise ValueError(f"fault {spec!r}: qird-push is one of {', '.join(QIRD_PUSH)}")
+        faults.qird_push = args[0]
     elif name == "sim-pin":
         if not args[0].isdigit():
             raise ValueError(f"fault {spec!r}: PIN must be digits")
@@ -205,12 +300,11 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
             faults.send_fail_left = count
     elif name in ("boot-delay", "open-delay", "qiact-delay"):
         setattr(settings, name.replace("-", "_"), _number(spec, args[0]))
-    elif name in ("reboot-after", "garbage-every"):
-        kind = "reboot" if name == "reboot-after" else "garbage"
-        if kind == "garbage" and _number(spec, args[0]) == 0:
+    elif name == "garbage-every":
+        if _number(spec, args[0]) == 0:
             raise ValueError(f"fault {spec!r}: the period must be positive")
-        faults.timed.append(TimedFault(kind, _number(spec, args[0]), repeat=kind == "garbage"))
-    elif name in ("pdpdeact-after", "hang-after", "remote-close-after"):
+        faults.timed.append(TimedFault("garbage", _number(spec, args[0]), repeat=True))
+    elif name in ("pdpdeact-after", "hang-after", "remote-close-after", "reboot-after"):
         faults.timed.append(_parse_timed(spec, name, args))
     else:
         raise ValueError(f"fault {spec!r}: unknown fault {name!r}")
@@ -221,6 +315,9 @@ def _parse_timed(spec: str, name: str, args: Sequence[str]) -> TimedFault:
         raise ValueError(f"fault {spec!r}: expected {name}:SECONDS[:ARG]")
     delay = _number(spec, args[0])
     extra = args[1] if len(args) == 2 else None
+    if name == "reboot-after":
+        silence = _number(spec, extra) if extra is not None else BROWNOUT_SILENCE
+        return TimedFault("reboot", delay, silence=silence)
     if name == "hang-after":
         if extra not in (None, "cfun"):
             raise ValueError(f"fault {spec!r}: the only option is :cfun")
@@ -243,7 +340,7 @@ def fire(faults: FaultControl, fault: TimedFault) -> None:
     elif fault.kind == "hang":
         faults.hang(cfun_recovers=bool(fault.arg))
     elif fault.kind == "reboot":
-        faults.reboot()
+        faults.reboot(fault.silence)
     elif fault.kind == "remote-close":
         faults.remote_close(fault.arg)
     else:

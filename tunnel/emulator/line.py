@@ -6,6 +6,10 @@ interleave and URCs fall only between whole lines (manual 2.16: "<CR><LF>" befor
 URC). With a baud rate both directions are paced like a real 8N1 UART (10 bits per byte) using an
 exact virtual clock, so benchmarks can compare goodput to line rate without drift.
 
+A brownout is the one exception to whole frames: a modem whose supply sags stops its UART in the
+middle of whatever it is sending, so `cut_now()` ends the output at the byte on the wire and
+`put_last()` lets a frame's first bytes out as the very last ones (the caller cuts the frame).
+
 This module knows nothing about AT commands; it must never look inside a frame.
 """
 
@@ -18,6 +22,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
@@ -128,6 +133,11 @@ class SerialLine:
     """Ordered frame writer and paced reader over the serial `stream`.
 
     `rate` is bytes per second (baud / 10), or None for an unthrottled line.
+
+    Output positions: every byte `put()` accepts gets the next position; `put()` returns the
+    position after its frame, and `wait_written()` waits until the line has written (or dropped)
+    everything up to one. A brownout (`cut_now`, `put_last`) kills the output in the middle of
+    whatever is being written; it stays dead until `power_on()`.
     """
 
     def __init__(self, stream: trio.abc.Stream, baud: int | None) -> None:
@@ -136,13 +146,19 @@ class SerialLine:
         self._frames: deque[bytes] = deque()
         self._pending = 0  # queued bytes plus the chunk being written
         self._in_flight = 0  # the chunk being written: no longer holds back the push readers
+        self._accepted = 0  # output positions handed out by put()
+        self._done = 0  # positions written or dropped
+        self._progress: trio.Event | None = None  # set when _done moves; made only when awaited
         self._has_data = trio.Event()
         self._room = trio.Event()
         self._room.set()
         self._drained = trio.Event()
         self._drained.set()
         self._muted = False
-        self._epoch = 0  # bumped when queued output is dropped (the chunk in flight is not)
+        self._dead = False  # browned out: nothing goes out until power_on()
+        self._on_last: Callable[[], None] | None = None  # put_last's callback, once written
+        self._write_scope: trio.CancelScope | None = None  # the chunk being written
+        self._cut_time = 0.0
         self._next_free = 0.0  # virtual clock: when the line is free to send again
         self._in_time = 0.0  # virtual clock: when the last received byte finished arriving
         if self.rate is None:
@@ -170,24 +186,44 @@ class SerialLine:
 
     @property
     def pending(self) -> int:
-        """Bytes queued for the line and not yet written."""
+        """Bytes queued for the line or being written."""
         return self._pending
 
-    def put(self, data: bytes) -> None:
-        """Queue one whole frame. Never blocks; a muted (hung) modem drops it."""
-        if self._muted or not data:
-            return
+    def put(self, data: bytes) -> int:
+        """Queue one whole frame; return the output position after it (see `wait_written`).
+
+        Never blocks; a muted (hung) or browned-out modem drops it."""
+        if self._muted or self._dead or not data:
+            return self._accepted
         self._frames.append(data)
         self._pending += len(data)
+        self._accepted += len(data)
         self._has_data.set()
         if self._drained.is_set():
             self._drained = trio.Event()
         if self._pending - self._in_flight >= self.high_water and self._room.is_set():
             self._room = trio.Event()
+        return self._accepted
+
+    def put_last(self, data: bytes, on_written: Callable[[], None]) -> int:
+        """Queue the last bytes before a brownout: nothing put after them goes out, and
+        `on_written` runs once they are on the wire (or were dropped)."""
+        end = self.put(data)
+        self._dead = True
+        self._on_last = on_written
+        self._wake()
+        return end
+
+    async def wait_written(self, position: int) -> None:
+        """Wait until every byte before output `position` is written or dropped."""
+        while self._done < position:
+            if self._progress is None:
+                self._progress = trio.Event()
+            await self._progress.wait()
 
     async def wait_room(self) -> None:
         """Wait until the output is below the high-water mark (push backpressure)."""
-        while self._muted or self._pending - self._in_flight >= self.high_water:
+        while self._muted or self._dead or self._pending - self._in_flight >= self.high_water:
             await self._room.wait()
 
     async def wait_drained(self) -> None:
@@ -197,29 +233,56 @@ class SerialLine:
 
     def clear(self) -> None:
         """Drop everything not yet written (a reboot loses the UART FIFO)."""
-        self._frames.clear()
-        self._pending = 0
-        self._epoch += 1
+        self._drop_queued()
+        self._wake()
+
+    def cut_now(self) -> None:
+        """Brownout: the output stops at the byte on the wire right now. The chunk being
+        written goes out only as far as the line had carried it, queued frames are dropped,
+        and nothing more goes out until `power_on()`."""
+        self._dead = True
+        self._on_last = None  # the brownout it announced is happening anyway
+        self._cut_time = trio.current_time()
+        if self._write_scope is not None:
+            self._write_scope.cancel()
+        self._drop_queued()
+        self._wake()
+
+    def power_on(self) -> None:
+        """After a brownout: the line carries output again."""
+        self._dead = False
+        self._on_last = None
         self._wake()
 
     def mute(self, muted: bool) -> None:
         """A hung modem says nothing: drop queued frames and refuse new ones until unmuted."""
         self._muted = muted
         if muted:
-            self._frames.clear()
-            self._pending = 0
-            self._epoch += 1
-            self._drained.set()
+            self._drop_queued()
             if self._room.is_set():
                 self._room = trio.Event()  # push readers park until unmuted
-        else:
-            self._wake()
+        self._wake()
+
+    def _drop_queued(self) -> None:
+        dropped = sum(len(data) for data in self._frames)
+        self._frames.clear()
+        self._pending -= dropped
+        self._advance(dropped)
+
+    def _advance(self, count: int) -> None:
+        self._done += count
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     def _wake(self) -> None:
-        if self._pending - self._in_flight < self.high_water and not self._muted:
+        if self._pending - self._in_flight < self.high_water and not (self._muted or self._dead):
             self._room.set()
         if not self._pending:
             self._drained.set()
+            if self._on_last is not None:
+                on_last, self._on_last = self._on_last, None
+                on_last()
 
     def _take(self, limit: int) -> bytes:
         """Pop up to `limit` bytes of queued frames (splitting the last one if needed)."""
@@ -250,7 +313,18 @@ class SerialLine:
                 await self._has_data.wait()
                 continue
             data = self._take(self._chunk)
-            epoch = self._epoch
+            self.bytes_out += await self._write(data)
+            self._in_flight = 0
+            self._pending -= len(data)
+            self._advance(len(data))
+            self._wake()
+
+    async def _write(self, data: bytes) -> int:
+        """Put one chunk on the wire; return how many of its bytes got there (all of them
+        unless `cut_now` stopped it)."""
+        start = None
+        with trio.CancelScope() as scope:
+            self._write_scope = scope
             if self.rate is not None:
                 # The chunk is on the wire: let push readers refill the queue meanwhile, or the
                 # line idles between chunks.
@@ -267,12 +341,20 @@ class SerialLine:
                 self._next_free = start + len(data) / self.rate
                 assert self._write_timer is not None
                 await self._write_timer.sleep_until(self._next_free)
+                start = None  # all of it has crossed the line
             await self._stream.send_all(data)
-            self.bytes_out += len(data)
-            self._in_flight = 0
-            if epoch == self._epoch:  # else the count was reset while this chunk was out
-                self._pending -= len(data)
-            self._wake()
+        self._write_scope = None
+        if not scope.cancelled_caught:
+            return len(data)
+        if start is None or self.rate is None:
+            return 0  # cut inside send_all: the stream took what it took
+        # Cut while the chunk was crossing the line: the bytes that had crossed are out, the
+        # rest never will be.
+        crossed = max(0, min(len(data), int((self._cut_time - start) * self.rate)))
+        self._next_free = self._cut_time
+        if crossed:
+            await self._stream.send_all(data[:crossed])
+        return crossed
 
     # -- input --------------------------------------------------------------------------------
 

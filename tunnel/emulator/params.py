@@ -12,6 +12,7 @@ No I/O here.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 INVALID_PARAMETERS = 558
@@ -173,3 +174,16 @@ def parse_command(text: str) -> Command:
     if rest.isdigit():
         return Command(name, Kind.WRITE, (Arg(rest, False),), text)
     raise CmdError(None)
+
+
+def is_tcpip(name: str) -> bool:
+    """Commands of this manual; their errors set AT+QIGETERROR's code (2.15)."""
+    return name.startswith("+QI") or name in ("+QPING", "+QNTP")
+
+
+def redact(text: str) -> str:
+    """A command line fit for the log: PINs (+CPIN) and credentials (+QICSGP) masked."""
+    upper = text.upper()
+    if "+CPIN" in upper or "+QICSGP" in upper:
+        return re.sub(r'"[^"]*"', '"***"', text)
+    return text

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from tunnel.at.constants import ACCESS_PUSH, CONNECT_IDS, MAX_SEND_LEN
+from tunnel.at.constants import ACCESS_PUSH, CONNECT_IDS
 from tunnel.at.errors import DESCRIPTIONS, ErrorCode
 from tunnel.emulator.line import SerialLine, frame
-from tunnel.emulator.sockets import UDP_SERVICE, Conn, State
+from tunnel.emulator.sockets import Conn, State
 
 if TYPE_CHECKING:
     from tunnel.emulator.core import Emulator
@@ -178,55 +178,16 @@ class Session:
                 return connect_id
         return None
 
-    def push_frame(self, conn: Conn, data: bytes, ip: str = "", port: int = 0) -> bytes:
-        """+QIURC: "recv",<id>,<len>[,<ip>,<port>]<CR><LF><data> (2.16.2), one bytes join."""
-        if conn.service == UDP_SERVICE:
-            head = f'\r\n+QIURC: "recv",{conn.connect_id},{len(data)},"{ip}",{port}\r\n'
-        else:
-            head = f'\r\n+QIURC: "recv",{conn.connect_id},{len(data)}\r\n'
-        tail = b"\r\n" if self.emu.config.push_trailing_crlf else b""
-        return b"".join((head.encode("ascii"), data, tail))
-
-    def deliver(self, conn: Conn, data: bytes, ip: str = "", port: int = 0) -> None:
-        """Data arrived on a host socket: push it, or buffer it and notify once (2.16.2)."""
-        if conn.closed_reported:
-            # A read already in flight when the far end was cut off (remote_close fault):
-            # after "closed" nothing may follow.
-            log.debug("data after close dropped id=%d len=%d", conn.connect_id, len(data))
-            return
-        conn.rx_total += len(data)
-        # With data held from buffer mode, newer data joins it unless the "keep" reading of
-        # AT+QISWTMD pushes it past the held data (faults.swtmd_held).
-        held = conn.rx_buffered and self.emu.faults.swtmd_held != "keep"
-        if conn.access == ACCESS_PUSH and not held:
-            conn.rx_read += len(data)
-            if conn.is_udp:
-                self.put(self.push_frame(conn, data, ip, port))
-                return
-            # A read sized for buffer mode can land after a switch to push: frames stay <= 1460.
-            for start in range(0, len(data), MAX_SEND_LEN):
-                self.put(self.push_frame(conn, data[start : start + MAX_SEND_LEN], ip, port))
-            return
-        conn.buffer(data, ip, port)
-        if not conn.notified:
-            conn.notified = True
-            self.urc(f'+QIURC: "recv",{conn.connect_id}')
-
-    def flush_buffer(self, conn: Conn) -> None:
-        """buffer -> push with data waiting (2.9): push it all now, in order, after the OK."""
-        while conn.rx_buffered:
-            if conn.is_udp:
-                item = conn.read_datagram()
-                assert item is not None
-                self.put(self.push_frame(conn, *item))
-            else:
-                self.put(self.push_frame(conn, conn.read_stream(MAX_SEND_LEN)))
-        conn.notified = False
-
     def remote_closed(self, conn: Conn) -> None:
-        """The far end closed: "closing" until AT+QICLOSE (2.16.1); report it once."""
+        """The far end closed: "closing" until AT+QICLOSE (2.16.1); report it once. While the
+        gradual reading still drains held data in push mode, the report waits behind the last
+        held byte (receive.py runs it then)."""
         if self.conns.get(conn.connect_id) is not conn or conn.closed_reported:
             return
+        if conn.drain_scope is not None and conn.access == ACCESS_PUSH:
+            conn.close_pending = True
+            return
+        conn.close_pending = False
         conn.closed_reported = True
         conn.state = State.CLOSING
         self.urc(f'+QIURC: "closed",{conn.connect_id}')

@@ -1,20 +1,17 @@
 """Socket services behind connectIDs (manual 2.4-2.9, 2.16), backed by real host sockets.
 
-A `Conn` is one connectID: its QISTATE fields (2.6), its receive buffer for buffer access mode
-(2.8), its send buffer drained by a writer task (2.7: "SEND FAIL indicates the send buffer is
-full"), and the host socket. Host sockets only ever reach the addresses `internet.host_address()`
-allows. Every task of a Conn runs inside `Conn.scope`, so closing a connectID, a PDP deactivation
-or a reboot cancels exactly its tasks; `close_now()` releases the host socket synchronously.
-
-Receiving never loses or reorders bytes: one reader task per Conn is the only producer of its
-push frames; when the host switches buffer -> push, the buffered bytes are pushed synchronously
-right after the OK (see `Conn.flush_buffer`), before the reader can push anything newer.
+A `Conn` is one connectID: its QISTATE fields (2.6), its receive queue (what the modem holds for
+AT+QIRD, 2.8, and what a switch back to push mode drains, `receive.py`), its send buffer drained
+by a writer task (2.7: "SEND FAIL indicates the send buffer is full"), and the host socket. Host
+sockets only ever reach the addresses `internet.host_address()` allows. Every task of a Conn
+runs inside `Conn.scope`, so closing a connectID, a PDP deactivation or a reboot cancels exactly
+its tasks; `close_now()` releases the host socket synchronously. The tasks themselves (readers,
+writer, listener) are in `receive.py`.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
 import os
 import socket as stdsocket
@@ -22,8 +19,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import trio
-
-from tunnel.at.constants import ACCESS_PUSH, MAX_READ_LEN, MAX_SEND_LEN
 
 if TYPE_CHECKING:
     from tunnel.emulator.session import Session
@@ -90,6 +85,10 @@ class Conn:
         self._rx_room = trio.Event()
         self._rx_room.set()
         self._mode_changed = False
+        # The gradual reading of AT+QISWTMD=<id>,1 (receive.py): the task draining the queue,
+        # and a far-end close that waits behind the data still in it (2.16.1 comes last).
+        self.drain_scope: trio.CancelScope | None = None
+        self.close_pending = False
         # Send side.
         self.tx = bytearray()
         self.tx_total = 0
@@ -194,7 +193,15 @@ class Conn:
     # -- lifetime --------------------------------------------------------------------------
 
     def close_now(self, graceful: bool = False) -> None:
-        """Cancel this connectID's tasks and release its host socket at once.
+        """The connectID is gone (QICLOSE, QIDEACT, pdpdeact, reboot): stop everything it runs,
+        including a drain of held data, and release the host socket (see `close_host`)."""
+        if self.drain_scope is not None:
+            self.drain_scope.cancel()
+        self.close_host(graceful)
+
+    def close_host(self, graceful: bool = False) -> None:
+        """The host socket is gone (the far end vanished, or the connectID closes): cancel the
+        socket's tasks and release it at once. What the modem holds stays in the queue.
 
         `graceful` (AT+QICLOSE, AT+QIDEACT): send FIN after everything written so far and read
         off what is already queued, so the kernel does not answer the close with a RST that
@@ -282,106 +289,3 @@ async def open_host_socket(s: Session, conn: Conn, host: str, port: int) -> int:
     except BaseException:
         sock.close()
         raise
-
-
-async def run_stream_reader(s: Session, conn: Conn) -> None:
-    """Read a TCP connection: push frames (<=1460 B) or buffer; then report remote close."""
-    assert conn.stream is not None
-    try:
-        while True:
-            queued = conn.rx_buffered and s.emu.faults.swtmd_held == "queue"
-            if conn.access == ACCESS_PUSH and not queued:
-                # Stop reading while the serial line is backed up: TCP pushes back on the far end.
-                await s.line.wait_room()
-                size = MAX_SEND_LEN
-            else:
-                await conn.wait_rx_room()
-                size = RX_LIMIT - conn.rx_buffered
-                if size <= 0:
-                    continue  # woken by a mode change: push now, or wait again
-            data = await conn.stream.receive_some(size)
-            if not data:
-                break
-            s.deliver(conn, data)
-    except trio.BrokenResourceError as exc:
-        log.debug("host socket reset id=%d err=%s", conn.connect_id, exc)
-    s.remote_closed(conn)
-
-
-async def run_datagram_reader(s: Session, conn: Conn) -> None:
-    """Read a UDP socket: each datagram is one push frame or one buffered QIRD unit."""
-    assert conn.sock is not None
-    while True:
-        if conn.access == ACCESS_PUSH:
-            await s.line.wait_room()
-        else:
-            await conn.wait_rx_room()
-        try:
-            data, addr = await conn.sock.recvfrom(MAX_READ_LEN)
-        except OSError as exc:
-            # Loopback ICMP port-unreachable surfaces as ECONNREFUSED on the next call; UDP
-            # has no connection to lose, so carry on like the modem would.
-            if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                continue
-            raise
-        host, port = str(addr[0]), int(addr[1])
-        s.deliver(conn, data, conn.peer_names.get((host, port), host), port)
-
-
-async def run_listener(s: Session, conn: Conn) -> None:
-    """Accept TCP connections into free connectIDs as "TCP INCOMING" (2.4, 2.16.3, 2.16.4)."""
-    assert conn.sock is not None
-    while True:
-        sock, addr = await conn.sock.accept()
-        new_id = s.free_incoming_id()
-        if new_id is None:
-            sock.close()
-            s.urc('+QIURC: "incoming full"')
-            continue
-        # 2.4: the access mode of "TCP INCOMING" is the same as its "TCP LISTENER".
-        incoming = Conn(
-            new_id, conn.ctx, INCOMING, str(addr[0]), int(addr[1]), conn.local_port,
-            conn.access, server_id=conn.connect_id,
-        )  # fmt: skip
-        incoming.stream = trio.SocketStream(sock)
-        incoming.state = State.CONNECTED
-        s.conns[new_id] = incoming
-        s.urc(f'+QIURC: "incoming",{new_id},{conn.connect_id},"{addr[0]}",{addr[1]}')
-        s.nursery.start_soon(run_connected, s, incoming)
-
-
-async def run_connected(s: Session, conn: Conn) -> None:
-    """Run an open connectID (entering its scope) until it is closed."""
-    with conn.scope:
-        await run_tasks(s, conn)
-
-
-async def run_tasks(s: Session, conn: Conn) -> None:
-    """The reader/writer tasks of an open connectID; the caller is inside `conn.scope`."""
-    try:
-        async with trio.open_nursery() as nursery:
-            if conn.service == LISTENER:
-                nursery.start_soon(run_listener, s, conn)
-            elif conn.is_udp:
-                nursery.start_soon(run_datagram_reader, s, conn)
-            else:
-                nursery.start_soon(run_stream_reader, s, conn)
-                nursery.start_soon(_run_writer, s, conn)
-    except* trio.ClosedResourceError:
-        pass  # the socket was closed under a reader: the connectID is being closed
-    except* Exception as group:
-        # One broken host socket must never take the modem down: report it as closed.
-        log.warning("connection failed id=%d err=%r", conn.connect_id, group.exceptions[0])
-        s.remote_closed(conn)
-    finally:
-        if s.conns.get(conn.connect_id) is not conn:
-            conn.close_now()
-
-
-async def _run_writer(s: Session, conn: Conn) -> None:
-    try:
-        await conn.run_writer()
-    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-        log.debug("host socket write failed id=%d err=%s", conn.connect_id, exc)
-        conn.tx.clear()
-        s.remote_closed(conn)

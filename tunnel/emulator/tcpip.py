@@ -16,7 +16,7 @@ import trio
 
 from tunnel.at.constants import ACCESS_BUFFER, ACCESS_PUSH, ACCESS_TRANSPARENT, MAX_SEND_LEN
 from tunnel.at.errors import ErrorCode
-from tunnel.emulator import internet
+from tunnel.emulator import internet, receive
 from tunnel.emulator.general import Handler
 from tunnel.emulator.line import frame
 from tunnel.emulator.params import CmdError, Command, Kind
@@ -30,7 +30,6 @@ from tunnel.emulator.sockets import (
     State,
     open_host_socket,
     qistate_line,
-    run_tasks,
 )
 
 log = logging.getLogger(__name__)
@@ -184,7 +183,7 @@ async def run_open(
             s.urc(f"+QIOPEN: {conn.connect_id},{code}")
         task_status.started(code)
         if not code:
-            await run_tasks(s, conn)
+            await receive.run_tasks(s, conn)
 
 
 async def on_qiclose(s: Session, cmd: Command) -> Reply | None:
@@ -308,7 +307,11 @@ async def complete_send(s: Session, job: SendJob, cancelled: bool) -> None:
 
 
 async def on_qird(s: Session, cmd: Command) -> Reply | None:
-    """AT+QIRD=<id>[,<len>] (2.8): one read, or <total>,<read>,<unread> when <len> is 0."""
+    """AT+QIRD=<id>[,<len>] (2.8): one read, or <total>,<read>,<unread> when <len> is 0.
+
+    On a socket in direct push mode (the manual is silent) the qird-push fault decides: "data"
+    reads the queue as in buffer mode, "empty" answers every read +QIRD: 0 (the query form
+    still gives the real counts), "error" refuses both forms with 566."""
     if cmd.kind is Kind.TEST:
         return lines("+QIRD: (0-11),(0-1500)")
     if cmd.kind is not Kind.WRITE:
@@ -318,11 +321,17 @@ async def on_qird(s: Session, cmd: Command) -> Reply | None:
     length = cmd.integer(1, 0, 1500) if cmd.has(1) else None
     if conn is None:
         raise CmdError(ErrorCode.SOCKET_ID_UNUSED)
+    if conn.service == LISTENER and length != 0:
+        raise CmdError(ErrorCode.INVALID_OPERATION)
+    reading = s.emu.faults.qird_push if conn.access == ACCESS_PUSH else "data"
+    if reading == "error":
+        # Chapter 3 has no "wrong access mode"; 566 "Invalid operation" is the closest.
+        raise CmdError(ErrorCode.INVALID_OPERATION)
     if length == 0:
         unread = conn.rx_total - conn.rx_read
         return lines(f"+QIRD: {conn.rx_total},{conn.rx_read},{unread}")
-    if conn.service == LISTENER:
-        raise CmdError(ErrorCode.INVALID_OPERATION)
+    if reading == "empty":
+        return lines("+QIRD: 0")
     if conn.is_udp:
         # "For UDP socket, the <read_length> should be ignored": one whole datagram per read.
         item = conn.read_datagram()
@@ -343,8 +352,9 @@ async def on_qird(s: Session, cmd: Command) -> Reply | None:
 
 
 async def on_qiswtmd(s: Session, cmd: Command) -> Reply | None:
-    """AT+QISWTMD=<id>,<mode> (2.9). Buffered data is pushed right after the OK, or with the
-    swtmd-held fault kept for AT+QIRD (the manual does not say)."""
+    """AT+QISWTMD=<id>,<mode> (2.9). What a switch to push does with held data is the
+    swtmd-held fault's reading (receive.py); the mode changes before the OK for buffer mode
+    (nothing is pushed after it) and after it for push mode (nothing is pushed before it)."""
     if cmd.kind is Kind.TEST:
         return lines("+QISWTMD: (0-11),(0-2)")
     if cmd.kind is Kind.READ:
@@ -362,16 +372,8 @@ async def on_qiswtmd(s: Session, cmd: Command) -> Reply | None:
     if mode == ACCESS_BUFFER:
         conn.access = ACCESS_BUFFER
         conn.notified = False
-        return None
-
-    def to_push() -> None:
-        conn.access = ACCESS_PUSH
-        if s.emu.faults.swtmd_held == "flush":
-            s.flush_buffer(conn)
-        else:
-            conn.mode_changed()
-
-    return Reply(after=[to_push])
+        return Reply(after=[lambda: receive.switch_to_buffer(s, conn)])
+    return Reply(after=[lambda: receive.switch_to_push(s, conn)])
 
 
 HANDLERS: Final[dict[str, Handler]] = {

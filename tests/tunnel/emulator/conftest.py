@@ -17,13 +17,16 @@ StartModem = Callable[..., Awaitable[tuple[Emulator, Host]]]
 
 @pytest.fixture
 def start_modem(nursery: trio.Nursery) -> StartModem:
-    """start_modem(boot=True, echo_off=True, **Emulator kwargs) -> (emulator, host)."""
+    """start_modem(boot=True, echo_off=True, lockstep=False, **Emulator kwargs) ->
+    (emulator, host). `lockstep`: the modem's every write waits until the host has read it
+    (trio.testing.lockstep_stream_pair), so a test decides when output moves on."""
 
     async def start(
-        *, boot: bool = True, echo_off: bool = True, **kwargs: object
+        *, boot: bool = True, echo_off: bool = True, lockstep: bool = False, **kwargs: object
     ) -> tuple[Emulator, Host]:
         emulator = Emulator(**kwargs)  # type: ignore[arg-type]
-        modem_end, host_end = trio.testing.memory_stream_pair()
+        pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        modem_end, host_end = pair()
         nursery.start_soon(emulator.serve, modem_end)
         host = Host(host_end)
         if boot:

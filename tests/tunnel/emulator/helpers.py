@@ -150,3 +150,50 @@ def free_tcp_port() -> int:
     with stdsocket.socket(stdsocket.AF_INET, stdsocket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def pattern(count: int, start: int = 0) -> bytes:
+    """`count` bytes where every offset is recognisable (no CR LF pair, so never a fake line)."""
+    return bytes((start + i) % 251 for i in range(count))
+
+
+def push(data: bytes, connect_id: int = 0) -> bytes:
+    """A push frame exactly as the wire carries it (2.16.2)."""
+    return b'\r\n+QIURC: "recv",%d,%d\r\n' % (connect_id, len(data)) + data + b"\r\n"
+
+
+def qird(data: bytes) -> bytes:
+    """An AT+QIRD answer with data, final OK included (4.2.3)."""
+    return b"\r\n+QIRD: %d\r\n" % len(data) + data + b"\r\n\r\nOK\r\n"
+
+
+async def open_tcp(
+    host: Host, peer: TcpPeer, connect_id: int = 0, access: int = 1
+) -> trio.SocketStream:
+    """AT+QIOPEN to `peer`; returns the server side of the new connection."""
+    index = len(peer.streams)
+    opened = await host.command(
+        f'AT+QIOPEN=1,{connect_id},"TCP","127.0.0.1",{peer.port},0,{access}'
+    )
+    assert opened == ["OK"]
+    assert await host.line() == f"+QIOPEN: {connect_id},0"
+    return await peer.connection(index)
+
+
+async def wait_held(host: Host, connect_id: int, total: int, unread: int) -> None:
+    """Ask AT+QIRD=<id>,0 until the modem has taken `total` bytes and holds `unread`."""
+    want = f"+QIRD: {total},{total - unread},{unread}"
+    while (await host.command(f"AT+QIRD={connect_id},0"))[0] != want:
+        pass
+
+
+async def open_holding(
+    host: Host, peer: TcpPeer, data: bytes, connect_id: int = 0
+) -> trio.SocketStream:
+    """A buffer-mode connection whose far end sent `data`; returns (the server side) once the
+    modem holds all of it."""
+    server = await open_tcp(host, peer, connect_id, access=0)
+    await server.send_all(data)
+    assert await host.line() == f'+QIURC: "recv",{connect_id}'
+    await wait_held(host, connect_id, len(data), len(data))
+    return server

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from tests.tunnel.emulator.helpers import BOOT
-from tunnel.emulator.core import redact
+from tunnel.emulator.params import redact
 
 
 async def test_boot_with_echo_on(start_modem) -> None:
