@@ -3,9 +3,10 @@
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ import trio
 from . import config, control, render
 from .at.errors import ModemError
 from .config import ConfigError, Settings
+from .control_protocol import PING_COUNT, PING_WAIT
+from .control_socket import ControlSocketError
 from .daemon import Daemon
+from .secret_files import ENV_PASSWORD
 
 log = logging.getLogger("tunnel")
 
@@ -32,7 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--baud", type=int, help="serial speed (with --emulate: pace the emulator)")
     run.add_argument("--apn", help="access point name")
     run.add_argument("--username", help="APN user name")
-    run.add_argument("--password", help="APN password")
+    run.add_argument(
+        "--password",
+        help="APN password (every local user can read it in /proc: prefer --password-file, "
+        f"password_file in the config or {ENV_PASSWORD})",
+    )
+    run.add_argument(
+        "--password-file",
+        metavar="PATH",
+        help="read the APN password from this file (no access for others: chmod 0600)",
+    )
     run.add_argument("--auth", choices=("none", "pap", "chap"), help="APN authentication")
     run.add_argument("--context", type=int, help="PDP context id 1-16 (default 1)")
     run.add_argument(
@@ -55,7 +68,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="run the built-in UC20 emulator on a pseudo-terminal (no modem needed)",
     )
-    run.add_argument("--control", metavar="PATH", help="control socket path")
+    run.add_argument(
+        "--control",
+        metavar="PATH",
+        help=f"control socket path (default {config.SYSTEM_CONTROL} for root, else "
+        "$XDG_RUNTIME_DIR/uc20-tunnel/control.sock)",
+    )
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level (default info)")
     run.add_argument(
         "--check",
@@ -65,7 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
     def control_command(name: str, help_text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
-        cmd.add_argument("--control", metavar="PATH", help="control socket of the daemon")
+        cmd.add_argument(
+            "--control",
+            metavar="PATH",
+            help="control socket of the daemon (default: the config's, else "
+            f"$XDG_RUNTIME_DIR/uc20-tunnel/control.sock for a user, then {config.SYSTEM_CONTROL})",
+        )
         cmd.add_argument("--config", type=Path, help="read the control path from this config")
         cmd.add_argument("--json", action="store_true", help="machine-readable output")
         return cmd
@@ -73,8 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     control_command("status", "show the daemon's and the modem's state")
     ping = control_command("ping", "ping a host through the modem (AT+QPING)")
     ping.add_argument("host")
-    ping.add_argument("--count", type=int, default=4, help="requests, 1-10 (default 4)")
-    ping.add_argument("--wait", type=int, default=1, help="seconds per request (default 1)")
+    ping.add_argument(
+        "--count", type=_int_in(PING_COUNT), default=4, help="requests, 1-10 (default 4)"
+    )
+    ping.add_argument(
+        "--wait", type=_int_in(PING_WAIT), default=1, help="seconds per request, 1-10 (default 1)"
+    )
     ntp = control_command("ntp", "ask an NTP server for the time through the modem (AT+QNTP)")
     ntp.add_argument("server", nargs="?", default="pool.ntp.org")
     ntp.add_argument("--port", type=int, default=123)
@@ -95,6 +122,21 @@ def _parser() -> argparse.ArgumentParser:
     return top
 
 
+def _int_in(allowed: range) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(
+                f"{value} out of range {allowed.start}-{allowed.stop - 1}"
+            )
+        return value
+
+    return parse
+
+
 def _fault_help() -> str:
     try:
         from .emulator.faults import FAULT_SPECS
@@ -104,11 +146,9 @@ def _fault_help() -> str:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    """Once: the format; each call: the level (set again once the config has named it)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(getattr(logging, level.upper()))
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -124,6 +164,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "apn": args.apn,
         "username": args.username,
         "password": args.password,
+        "password_file": args.password_file,
         "auth": args.auth,
         "context": args.context,
         "socks": args.socks,
@@ -154,12 +195,17 @@ async def _run_daemon(daemon: Daemon) -> None:
                 daemon.stop()
 
 
-def _control_path(args: argparse.Namespace) -> str:
+def _control_paths(args: argparse.Namespace) -> list[str]:
+    """The socket to ask: --control, else the config's `control`, else the defaults (a
+    user's own $XDG_RUNTIME_DIR one, then the system daemon's) that exist; else the first."""
     if args.control:
-        return str(args.control)
+        return [str(args.control)]
     path = args.config or (config.DEFAULT_PATH if config.DEFAULT_PATH.exists() else None)
     values = config.load(path) if path is not None else {}
-    return str(values.get("control", Settings().control))
+    if "control" in values:
+        return [str(values["control"])]
+    candidates = config.control_candidates()
+    return [p for p in candidates if os.path.exists(p)] or candidates[:1]
 
 
 def _client(args: argparse.Namespace) -> int:
@@ -171,13 +217,20 @@ def _client(args: argparse.Namespace) -> int:
     elif args.command == "resolve":
         message.update(name=args.name)
     try:
-        path = _control_path(args)
-        answer = trio.run(control.request, path, message)
+        path = _control_paths(args)[0]
     except ConfigError as exc:
         print(f"uc20-tunnel: {exc}", file=sys.stderr)
         return 2
+    try:
+        answer = trio.run(control.request, path, message)
     except OSError as exc:
         print(f"uc20-tunnel: no daemon at {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except trio.TooSlowError:
+        print(f"uc20-tunnel: the daemon at {path} did not answer in time", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        print(f"uc20-tunnel: bad answer from the daemon at {path}: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(answer, indent=2))
@@ -198,7 +251,7 @@ def _expected_failures(exc: BaseException) -> list[BaseException] | None:
                 return None
             leaves += found
         return leaves
-    return [exc] if isinstance(exc, ModemError | OSError) else None
+    return [exc] if isinstance(exc, ModemError | OSError | ControlSocketError) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -215,11 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"uc20-tunnel emulator: {exc}", file=sys.stderr)
             return 2
         return 0
+    _setup_logging("info")  # warnings while reading the config are shown in the log's format
     try:
         settings = settings_from(args)
     except ConfigError as exc:
         print(f"uc20-tunnel: {exc}", file=sys.stderr)
         return 2
+    if args.password is not None:
+        log.warning(
+            "password given with --password: every local user can read it in /proc/%d/cmdline;"
+            " use --password-file, password_file in the config or %s instead",
+            os.getpid(),
+            ENV_PASSWORD,
+        )
     if args.check:
         for key, value in settings.redacted().items():
             print(f"{key} = {value!r}")

@@ -1,11 +1,17 @@
-"""Settings: TOML file, then command-line flags on top. Every flag has a key.
+"""Settings: TOML file, then the environment, then command-line flags. Every flag has a key.
 
 A bad file is refused before the modem is touched, with an error naming the key and the line:
-unknown keys, wrong types and out-of-range values are all errors, never silently ignored.
+unknown keys, wrong types and out-of-range values are all errors, never silently ignored. Values
+the modem takes (APN, user, password, PIN) are checked by the very functions that build its
+commands (tunnel/at/commands.py), so `run --check` accepts exactly what start-up can send.
+
+Secrets need not be in the config or on the command line (/proc/PID/cmdline shows that to every
+local user): `password_file`, `socks_users_file`, UC20_TUNNEL_PASSWORD (tunnel/secret_files.py).
 """
 
 import ipaddress
 import logging
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -13,11 +19,35 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .at.commands import Auth, check_host
+from .at import commands as at
+from .at.commands import Auth
 from .at.constants import CONTEXT_IDS
+from .secret_files import ENV_PASSWORD, SecretFileError, read_private_text, read_secret_file
 
 DEFAULT_PATH: Final = Path("/etc/uc20-tunnel/config.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+# root's (and the systemd unit's, whose RuntimeDirectory= makes /run/uc20-tunnel) control socket.
+SYSTEM_CONTROL: Final = "/run/uc20-tunnel/control.sock"
+
+log = logging.getLogger(__name__)
+
+
+def default_control_path(env: Mapping[str, str] | None = None, euid: int | None = None) -> str:
+    """root: /run/uc20-tunnel/control.sock. Anyone else: $XDG_RUNTIME_DIR/uc20-tunnel/
+    control.sock (a directory only that user can enter), so `run --emulate` then `status`
+    works without root; with no XDG_RUNTIME_DIR, the system path."""
+    env = os.environ if env is None else env
+    euid = os.geteuid() if euid is None else euid
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if euid == 0 or not os.path.isabs(runtime):
+        return SYSTEM_CONTROL
+    return os.path.join(runtime, "uc20-tunnel", "control.sock")
+
+
+def control_candidates(env: Mapping[str, str] | None = None, euid: int | None = None) -> list[str]:
+    """Where a client looks for a daemon it was not told about: its own default first, then
+    the system daemon's (a user in the socket's group may query it)."""
+    return list(dict.fromkeys([default_control_path(env, euid), SYSTEM_CONTROL]))
 
 
 class ConfigError(ValueError):
@@ -32,12 +62,14 @@ class Settings:
     apn: str = ""
     username: str = ""
     password: str = ""
+    password_file: str = ""  # where `password` was read from, if a file
     auth: str = "none"
     context: int = 1
     sim_pin: str = ""
     registration_timeout: float = 180.0
     socks: tuple[tuple[str, int], ...] = (("127.0.0.1", 1080),)
     socks_users: Mapping[str, str] = field(default_factory=dict)
+    socks_users_file: str = ""  # where `socks_users` were read from, if a file
     allow: tuple[str, ...] = ()  # client networks (CIDR); empty: everyone who can connect
     dns: tuple[str, ...] = ()  # AT+QIDNSCFG primary, secondary; empty: the network's
     connect_wait: float = 5.0
@@ -56,7 +88,7 @@ class Settings:
     tun_dns: bool = True
     tun_udp_flows: int = 4
     tun_udp_idle: float = 60.0
-    control: str = "/run/uc20-tunnel/control.sock"
+    control: str = field(default_factory=default_control_path)
     log_level: str = "info"
     reset_command: str = ""
     probe_interval: float = 30.0
@@ -133,17 +165,32 @@ def _choice(*allowed: str) -> Callable[[str, Any], str]:
     return check
 
 
-def _text(key: str, v: Any) -> str:
-    text = _str(key, v)
-    if any(not 0x20 <= ord(c) < 0x7F or c == '"' for c in text):
-        raise ConfigError(f"{key}: only printable ASCII without quotes is accepted")
-    return text
+def _modem_text(check: Callable[[str, str], str]) -> Callable[[str, Any], str]:
+    """A value the modem takes, checked by its command builder's own check (one source of
+    truth for every limit: tunnel/at/constants.py). Empty means "not set"."""
+
+    def checked(key: str, v: Any) -> str:
+        text = _str(key, v)
+        if text:
+            try:
+                check(text, key)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return text
+
+    return checked
 
 
-def _pin(key: str, v: Any) -> str:
+_apn = _modem_text(at.check_apn)
+_username = _modem_text(at.check_username)
+_password = _modem_text(at.check_password)
+_pin = _modem_text(at.check_pin)
+
+
+def _path(key: str, v: Any) -> str:
     text = _str(key, v)
-    if text and not (text.isdigit() and 4 <= len(text) <= 8):
-        raise ConfigError(f"{key}: a PIN is 4-8 digits")
+    if not text or "\0" in text:
+        raise ConfigError(f"{key}: expected a file path")
     return text
 
 
@@ -158,7 +205,8 @@ def _users(key: str, v: Any) -> dict[str, str]:
     if not isinstance(v, dict):
         raise ConfigError(f'{key}: expected a table of user = "password"')
     for user, pw in v.items():
-        if not 1 <= len(user.encode()) <= 255 or not 1 <= len(_str(f"{key}.{user}", pw)) <= 255:
+        pw = _str(f"{key}.{user}", pw)
+        if not 1 <= len(user.encode()) <= 255 or not 1 <= len(pw.encode()) <= 255:
             raise ConfigError(f"{key}.{user}: user and password must be 1-255 bytes (RFC 1929)")
     return dict(v)
 
@@ -217,16 +265,6 @@ def _tun(key: str, v: Any) -> str:
     return text
 
 
-def _apn(key: str, v: Any) -> str:
-    text = _str(key, v)
-    if text:
-        try:
-            check_host(text, key)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-    return text
-
-
 def _seconds_or_auto(key: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
         raise ConfigError(f"{key}: expected a number of seconds (0: automatic)")
@@ -238,14 +276,16 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "baud": _int_in(300, 4_000_000),
     "emulate": _bool,
     "apn": _apn,
-    "username": _text,
-    "password": _text,
+    "username": _username,
+    "password": _password,
+    "password_file": _path,
     "auth": _choice("none", "pap", "chap"),
     "context": _int_in(CONTEXT_IDS.start, CONTEXT_IDS.stop - 1),
     "sim_pin": _pin,
     "registration_timeout": _positive,
     "socks": _socks,
     "socks_users": _users,
+    "socks_users_file": _path,
     "allow": _routes,
     "dns": _dns,
     "connect_wait": _positive,
@@ -277,7 +317,9 @@ def _line_of(text: str, key: str) -> int | None:
 
 
 def load(path: Path) -> dict[str, Any]:
-    """Read and validate a TOML file into checked values (not yet merged with defaults)."""
+    """Read and validate a TOML file into checked values (not yet merged with defaults).
+    `password_file` and `socks_users_file` are read here, relative to the file's directory,
+    so `run --check` sees what the daemon would."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -286,34 +328,91 @@ def load(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config {path}: {exc}") from None
+
+    def where(key: str) -> str:
+        line = _line_of(text, key)
+        return f"{path}:{line}" if line else str(path)
+
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        where = _line_of(text, key)
-        at = f"{path}:{where}" if where else str(path)
         check = CHECKS.get(key)
         if check is None:
-            raise ConfigError(f"{at}: unknown key {key!r}")
+            raise ConfigError(f"{where(key)}: unknown key {key!r}")
         try:
             out[key] = check(key, value)
         except ConfigError as exc:
-            raise ConfigError(f"{at}: {exc}") from None
+            raise ConfigError(f"{where(key)}: {exc}") from None
+    for file_key, key in (("password_file", "password"), ("socks_users_file", "socks_users")):
+        if file_key not in out:
+            continue
+        if key in out:
+            raise ConfigError(f"{where(file_key)}: {file_key}: {key} is set too; keep one")
+        secret = path.parent / out[file_key]
+        out[file_key] = str(secret)
+        try:
+            out[key] = _from_file(file_key, secret)
+        except ConfigError as exc:
+            raise ConfigError(f"{where(file_key)}: {exc}") from None
     return out
 
 
-def build(file_values: Mapping[str, Any], overrides: Mapping[str, Any]) -> Settings:
-    """Defaults, then the file, then flags (already-typed values; None means "not given")."""
+def _from_file(file_key: str, path: Path) -> Any:
+    """The `password` in a password_file, or the `socks_users` table of a socks_users_file
+    (TOML lines `user = "password"`), checked like the keys they stand for."""
+    try:
+        if file_key == "password_file":
+            return _password(file_key, read_secret_file(file_key, path))
+        text = read_private_text(file_key, path)
+    except SecretFileError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        users = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{file_key}: {path}: {exc}") from None
+    if not users:
+        raise ConfigError(f"{file_key}: {path} names no user")
+    for user, password in users.items():
+        try:
+            _users(file_key, {user: password})
+        except ConfigError as exc:
+            line = _line_of(text, user)
+            raise ConfigError(f"{path}{f':{line}' if line else ''}: {exc}") from None
+    return _users(file_key, users)
+
+
+def build(
+    file_values: Mapping[str, Any],
+    overrides: Mapping[str, Any],
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults, then the file, then UC20_TUNNEL_PASSWORD from `env` (os.environ if None),
+    then flags (already-typed values; None means "not given")."""
     settings = Settings()
     merged = dict(file_values)
-    for key, value in overrides.items():
-        if value is None:
-            continue
+    env = os.environ if env is None else env
+    if env.get(ENV_PASSWORD):
+        try:
+            merged["password"] = _password("password", env[ENV_PASSWORD])
+        except ConfigError as exc:
+            raise ConfigError(f"{ENV_PASSWORD}: {exc}") from None
+        merged.pop("password_file", None)
+    flags = {key: value for key, value in overrides.items() if value is not None}
+    if "password" in flags and "password_file" in flags:
+        raise ConfigError("--password and --password-file: give one")
+    for key, value in flags.items():
+        flag = f"--{key.replace('_', '-')}"
         try:
             merged[key] = CHECKS[key](key, value)
+            if key == "password_file":
+                merged[key] = str(Path(merged[key]).absolute())
+                merged["password"] = _from_file(key, Path(merged[key]))
+            elif key == "password":
+                merged.pop("password_file", None)
         except ConfigError as exc:
-            raise ConfigError(f"--{key.replace('_', '-')}: {exc}") from None
+            raise ConfigError(f"{flag}: {exc}") from None
     settings = replace(settings, **merged)
     if settings.tun_address == settings.tun_peer:
         raise ConfigError("tun_peer: must differ from tun_address")
     if settings.username and settings.auth == "none":
-        logging.getLogger(__name__).warning("config username set with auth=none: not sent")
+        log.warning("config username set with auth=none: not sent")
     return settings

@@ -1,12 +1,19 @@
 """Configuration: every bad value is refused naming its key (and line); flags override."""
 
+import logging
+import os
 import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tunnel import config
-from tunnel.config import ConfigError, Settings
+from tunnel.at import commands
+from tunnel.at.constants import MAX_APN_LEN, MAX_PASSWORD_LEN, MAX_USERNAME_LEN
+from tunnel.config import SYSTEM_CONTROL, ConfigError, Settings
+from tunnel.secret_files import ENV_PASSWORD
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "config.example.toml"
 
@@ -96,3 +103,195 @@ def test_example_config_loads_and_documents_every_key() -> None:
     text = EXAMPLE.read_text()
     for key in config.CHECKS:
         assert re.search(rf"^#?\s*\[?{key}\b", text, re.M), f"{key} undocumented in the example"
+
+
+# --- what the modem takes: one source of truth for every limit (tunnel/at/constants.py) ------
+
+
+@pytest.mark.parametrize(
+    "pin",
+    ["\u0661\u0662\u0663\u0664", "\uff11\uff12\uff13\uff14", "\u09e7\u09e8\u09e9\u09ea", "123",
+     "123456789", "12 4"],
+)  # fmt: skip
+def test_sim_pin_is_ascii_digits_only(tmp_path: Path, pin: str) -> None:
+    # "١٢٣٤".isdigit() is True: it used to go out as UTF-8 in AT+CPIN, burning a SIM try.
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, f'apn = "internet"\nsim_pin = "{pin}"\n')
+    message = str(info.value)
+    assert re.search(r"config\.toml:2: sim_pin: must be 4-8 ASCII digits 0-9", message), message
+    assert pin not in message  # a PIN is never echoed
+    assert load_text(tmp_path, 'sim_pin = "12345678"\n')["sim_pin"] == "12345678"
+
+
+@pytest.mark.parametrize(
+    ("key", "limit"),
+    [("apn", MAX_APN_LEN), ("username", MAX_USERNAME_LEN), ("password", MAX_PASSWORD_LEN)],
+)
+def test_qicsgp_fields_are_held_to_the_builders_limits(
+    tmp_path: Path, key: str, limit: int
+) -> None:
+    at_limit = load_text(tmp_path, f'{key} = "{"a" * limit}"\n')
+    settings = config.build(at_limit, {}, env={})
+    commands.qicsgp(1, settings.apn, settings.username, settings.password, settings.auth_method)
+    with pytest.raises(ConfigError, match=rf"config\.toml:1: {key}: longer than {limit}"):
+        load_text(tmp_path, f'{key} = "{"a" * (limit + 1)}"\n')
+    with pytest.raises(ConfigError, match=rf"--{key}: {key}: longer than {limit}"):
+        config.build({}, {key: "a" * (limit + 1)}, env={})
+
+
+def test_review_apn_150_and_password_200_are_refused_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"config\.toml:2: apn: longer than 100 characters"):
+        load_text(tmp_path, f'auth = "pap"\napn = "{"a" * 150}"\n')
+    with pytest.raises(ConfigError, match=r"config\.toml:1: password: longer than 127") as info:
+        load_text(tmp_path, f'password = "{"p" * 200}"\n')
+    assert "ppp" not in str(info.value)
+
+
+TEXT = st.text(st.characters(codec="utf-8"), max_size=140)
+
+
+@given(apn=TEXT, username=TEXT, password=TEXT, pin=st.text(max_size=10))
+def test_config_accepts_exactly_what_the_builders_accept(
+    apn: str, username: str, password: str, pin: str
+) -> None:
+    # Whatever `run --check` lets through, start-up can send; whatever it refuses, it would
+    # not: the same check functions on both sides.
+    for key, value, build in (
+        ("apn", apn, lambda v: commands.qicsgp(1, v, "", "", commands.Auth.PAP)),
+        ("username", username, lambda v: commands.qicsgp(1, "", v, "", commands.Auth.PAP)),
+        ("password", password, lambda v: commands.qicsgp(1, "", "", v, commands.Auth.PAP)),
+        ("sim_pin", pin, commands.cpin_enter),
+    ):
+        try:
+            config.CHECKS[key](key, value)
+            accepted = True
+        except ConfigError:
+            accepted = False
+        try:
+            build(value)
+            built = True
+        except ValueError:
+            built = False
+        # An empty value means "not set" in the config: the builder is never called with it
+        # for a PIN, and an empty APN/user/password is a valid QICSGP argument.
+        assert accepted == built or (value == "" and key == "sim_pin"), (key, value)
+
+
+# --- secrets kept off the command line ---------------------------------------------------------
+
+
+def secret(tmp_path: Path, name: str, text: str, mode: int = 0o600) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_password_file_relative_to_the_config(tmp_path: Path) -> None:
+    secret(tmp_path, "apn-password", "s3cret\n")
+    values = load_text(tmp_path, 'apn = "internet"\npassword_file = "apn-password"\n')
+    settings = config.build(values, {}, env={})
+    assert settings.password == "s3cret"  # the editor's line end is not part of it
+    assert settings.password_file == str(tmp_path / "apn-password")
+    shown = repr(settings.redacted())
+    assert "s3cret" not in shown
+    assert str(tmp_path / "apn-password") in shown
+
+
+def test_a_world_readable_secret_file_is_refused(tmp_path: Path) -> None:
+    secret(tmp_path, "pw", "s3cret", 0o644)
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, '\npassword_file = "pw"\n')
+    message = str(info.value)
+    assert re.search(r"config\.toml:2: password_file: .*/pw is open to every local user", message)
+    assert "chmod o-rwx" in message
+    assert "s3cret" not in message
+
+
+def test_a_group_readable_secret_file_is_a_loud_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret(tmp_path, "pw", "s3cret", 0o640)
+    with caplog.at_level(logging.WARNING):
+        values = load_text(tmp_path, 'password_file = "pw"\n')
+    assert values["password"] == "s3cret"
+    [record] = [r for r in caplog.records if r.name == "tunnel.secret_files"]
+    assert record.levelno == logging.WARNING
+    assert "secret file open to its group key=password_file" in record.getMessage()
+    assert "s3cret" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "password_file: .*/pw: No such file or directory"),
+        (lambda d: os.mkfifo(d / "pw", 0o600), "password_file: .*/pw is not a regular file"),
+        (lambda d: secret(d, "pw", "p" * 128), "password_file: longer than 127 characters"),
+        (lambda d: secret(d, "pw", 'a"b'), "password_file: quote not allowed"),
+        (lambda d: secret(d, "pw", "").write_bytes(b"\xff"), "password_file: .*/pw is not UTF-8"),
+    ],
+)
+def test_bad_password_files_name_the_key_and_line(tmp_path: Path, setup, message: str) -> None:
+    setup(tmp_path)
+    with pytest.raises(ConfigError, match=rf"config\.toml:2: {message}"):
+        load_text(tmp_path, 'apn = "internet"\npassword_file = "pw"\n')
+
+
+def test_password_and_password_file_are_exclusive(tmp_path: Path) -> None:
+    secret(tmp_path, "pw", "a")
+    with pytest.raises(ConfigError, match=r"config\.toml:2: password_file: password is set too"):
+        load_text(tmp_path, 'password = "b"\npassword_file = "pw"\n')
+    with pytest.raises(ConfigError, match="--password and --password-file: give one"):
+        config.build({}, {"password": "x", "password_file": str(tmp_path / "pw")}, env={})
+
+
+def test_environment_beats_the_file_and_flags_beat_both(tmp_path: Path) -> None:
+    secret(tmp_path, "pw", "from-file")
+    secret(tmp_path, "flag-pw", "from-flag-file")
+    values = load_text(tmp_path, 'password_file = "pw"\n')
+    env = {ENV_PASSWORD: "from-env"}
+    assert config.build(values, {}, env={}).password == "from-file"
+    from_env = config.build(values, {}, env=env)
+    assert (from_env.password, from_env.password_file) == ("from-env", "")
+    assert config.build(values, {"password": "from-flag"}, env=env).password == "from-flag"
+    flagged = config.build(values, {"password_file": str(tmp_path / "flag-pw")}, env=env)
+    assert flagged.password == "from-flag-file"
+    with pytest.raises(ConfigError, match=f"{ENV_PASSWORD}: password: quote not allowed"):
+        config.build({}, {}, env={ENV_PASSWORD: 'x"y'})
+    with pytest.raises(ConfigError, match=r"--password-file: password_file: .* open to every"):
+        config.build({}, {"password_file": str(secret(tmp_path, "open", "x", 0o604))}, env={})
+
+
+def test_socks_users_file(tmp_path: Path) -> None:
+    secret(tmp_path, "users.toml", 'alice = "s3cret"\nbob = "hunter2"\n')
+    values = load_text(tmp_path, 'socks_users_file = "users.toml"\n')
+    settings = config.build(values, {}, env={})
+    assert settings.socks_users == {"alice": "s3cret", "bob": "hunter2"}
+    assert "hunter2" not in repr(settings.redacted())
+    secret(tmp_path, "users.toml", 'alice = "ok"\n\nbob = ""\n')
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, '\nsocks_users_file = "users.toml"\n')
+    assert re.search(r"config\.toml:2: .*users\.toml:3: socks_users_file\.bob: ", str(info.value))
+    secret(tmp_path, "users.toml", "")
+    with pytest.raises(ConfigError, match=r"config\.toml:1: socks_users_file: .* names no user"):
+        load_text(tmp_path, 'socks_users_file = "users.toml"\n')
+    secret(tmp_path, "users.toml", 'a = "b"\n', 0o666)
+    with pytest.raises(ConfigError, match="open to every local user"):
+        load_text(tmp_path, 'socks_users_file = "users.toml"\n')
+    with pytest.raises(ConfigError, match="socks_users_file: socks_users is set too"):
+        load_text(tmp_path, 'socks_users_file = "users.toml"\n[socks_users]\na = "b"\n')
+
+
+# --- the control socket's default path -----------------------------------------------------
+
+
+def test_default_control_path_for_root_and_for_a_user() -> None:
+    runtime = {"XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert config.default_control_path(runtime, euid=0) == "/run/uc20-tunnel/control.sock"
+    user = "/run/user/1000/uc20-tunnel/control.sock"
+    assert config.default_control_path(runtime, euid=1000) == user
+    assert config.default_control_path({}, euid=1000) == config.SYSTEM_CONTROL
+    assert config.default_control_path({"XDG_RUNTIME_DIR": "rel"}, euid=1000) == SYSTEM_CONTROL
+    # A client looks at its own first, then at the system daemon's.
+    assert config.control_candidates(runtime, euid=1000) == [user, SYSTEM_CONTROL]
+    assert config.control_candidates(runtime, euid=0) == [SYSTEM_CONTROL]

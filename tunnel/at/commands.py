@@ -17,8 +17,14 @@ from .constants import (
     CONNECT_IDS,
     CONTEXT_IDS,
     DEFAULT_TIMEOUT,
+    MAX_APN_LEN,
+    MAX_PASSWORD_LEN,
     MAX_READ_LEN,
     MAX_SEND_LEN,
+    MAX_USERNAME_LEN,
+    PIN_LENGTHS,
+    PING_COUNTS,
+    PING_TIMEOUTS,
     TIMEOUTS,
 )
 from .parser import NO_INFO, Expect
@@ -57,8 +63,10 @@ _HOST_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,253}")
 _FORBIDDEN: Final = {'"': "quote", ",": "comma", "\r": "CR", "\n": "LF", ";": "semicolon"}
 
 
-def _check_text(field: str, value: str, *, max_len: int = 100) -> str:
+def _check_text(field: str, value: str, *, max_len: int) -> str:
     """A quoted string argument: printable ASCII, no quote (AT strings cannot escape one)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string, got {type(value).__name__}")
     for ch in value:
         if ch in _FORBIDDEN and ch != "," and ch != ";":
             raise ValueError(f"{field}: {_FORBIDDEN[ch]} not allowed")
@@ -86,6 +94,44 @@ def check_host(value: str, field: str = "host") -> str:
             ipaddress.IPv6Address(value)
         except ValueError:
             raise ValueError(f"{field}: not a host name or IP address") from None
+    return value
+
+
+# An APN is labels of letters, digits and hyphens joined by dots (3GPP TS 23.003 9.1); the
+# underscore some private APNs carry is let through. Empty: the network's default APN.
+_APN_RE: Final = re.compile(r"[A-Za-z0-9._-]*")
+
+
+def check_apn(value: str, field: str = "apn") -> str:
+    """The APN of AT+QICSGP (2.1), at most MAX_APN_LEN; returns it unchanged."""
+    _check_text(field, value, max_len=MAX_APN_LEN)
+    bad = next((c for c in value if not _APN_RE.fullmatch(c)), None)
+    if bad is not None:
+        raise ValueError(f"{field}: character {bad!r} not allowed (letters, digits, . - _)")
+    return value
+
+
+def check_username(value: str, field: str = "username") -> str:
+    """The user name of AT+QICSGP: printable ASCII without a quote, at most MAX_USERNAME_LEN."""
+    return _check_text(field, value, max_len=MAX_USERNAME_LEN)
+
+
+def check_password(value: str, field: str = "password") -> str:
+    """The password of AT+QICSGP: printable ASCII without a quote, at most MAX_PASSWORD_LEN.
+    The message never quotes the value."""
+    return _check_text(field, value, max_len=MAX_PASSWORD_LEN)
+
+
+def check_pin(value: str, field: str = "pin") -> str:
+    """A SIM PIN: 4-8 ASCII digits. `str.isdigit()` is not enough: it is true for
+    Arabic-Indic and full-width digits, which would go out as UTF-8 and burn one of the SIM's
+    three tries. The message never quotes the value."""
+    if not isinstance(value, str):
+        raise ValueError(f"{field}: expected a string, got {type(value).__name__}")
+    if len(value) not in PIN_LENGTHS or any(not "0" <= c <= "9" for c in value):
+        raise ValueError(
+            f"{field}: must be {PIN_LENGTHS.start}-{PIN_LENGTHS.stop - 1} ASCII digits 0-9"
+        )
     return value
 
 
@@ -131,9 +177,8 @@ def cpin_query() -> Command:
 
 
 def cpin_enter(pin: str) -> Command:
-    if not (pin.isdigit() and 4 <= len(pin) <= 8):
-        raise ValueError("pin: must be 4-8 digits")
-    return Command("CPIN", f'AT+CPIN="{pin}"'.encode(), shown='AT+CPIN="***"')
+    check_pin(pin)
+    return Command("CPIN", f'AT+CPIN="{pin}"'.encode("ascii"), shown='AT+CPIN="***"')
 
 
 def creg_query() -> Command:
@@ -165,9 +210,9 @@ def cfun_reboot() -> Command:
 
 def qicsgp(context_id: int, apn: str, username: str, password: str, auth: Auth) -> Command:
     """AT+QICSGP=<contextID>,1,<APN>,<username>,<password>,<authentication> (IPv4)."""
-    _check_text("apn", apn, max_len=100)
-    _check_text("username", username, max_len=127)
-    _check_text("password", password, max_len=127)
+    check_apn(apn)
+    check_username(username)
+    check_password(password)
     auth = Auth(auth)
     head = f'AT+QICSGP={_ctx(context_id)},1,"{apn}","{username}",'
     return Command(
@@ -284,8 +329,8 @@ def qidnsgip(context_id: int, host: str) -> Command:
 
 
 def qping(context_id: int, host: str, timeout: int = 1, count: int = 4) -> Command:
-    _check_range("timeout", timeout, range(1, 256))
-    _check_range("count", count, range(1, 11))
+    _check_range("timeout", timeout, PING_TIMEOUTS)
+    _check_range("count", count, PING_COUNTS)
     return _cmd(
         "QPING", f'AT+QPING={_ctx(context_id)},"{check_host(host)}",{timeout},{count}', tcpip=True
     )

@@ -14,6 +14,18 @@ CONTEXT_IDS: Final = range(1, 17)
 MAX_SEND_LEN: Final = 1460
 # 2.8: "<read_length> The maximum length of data to be retrieved, the range is 0-1500"
 MAX_READ_LEN: Final = 1500
+# 2.1 gives <APN>, <username> and <password> as "String type" and no length. An APN is at most
+# 100 octets (3GPP TS 23.003 9.1); user name and password are held to 127, the builders' limit
+# from the start, far above any operator's. Only printable ASCII without a quote reaches the
+# modem, so characters are bytes here. The config checks use these same builders.
+MAX_APN_LEN: Final = 100
+MAX_USERNAME_LEN: Final = 127
+MAX_PASSWORD_LEN: Final = 127
+# AT+CPIN="<pin>" (3GPP TS 27.007 8.3); a PIN is 4 to 8 decimal digits (ETSI TS 102 221 9.5.1).
+PIN_LENGTHS: Final = range(4, 9)
+# 2.10: "<timeout> ... range: 1-255, default: 1"; "<pingnum> ... Range: 1-10. Default: 4"
+PING_TIMEOUTS: Final = range(1, 256)
+PING_COUNTS: Final = range(1, 11)
 # 2.4 / 2.16.2
 ACCESS_BUFFER: Final = 0
 ACCESS_PUSH: Final = 1
