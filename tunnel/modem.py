@@ -499,8 +499,9 @@ class Modem:
             "frame cut short: %s got=%d of %d bytes, dropped", what, event.got, event.expected
         )
         if event.connect_id is None:
-            self._fail_pending(ModemError(f"AT+QIRD answer cut short ({event.got} of "
-                                          f"{event.expected} bytes)"))
+            self._fail_pending(
+                ModemError(f"AT+QIRD answer cut short ({event.got} of {event.expected} bytes)")
+            )
         for handler in self._routes.get(FrameCut, ()):
             handler(event)
 

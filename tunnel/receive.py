@@ -327,11 +327,7 @@ class Receiver:
 
     def wants_driver(self) -> bool:
         """After take(): a read became due (the buffer fell below its mark in buffer mode)."""
-        return (
-            self._in_flight is None
-            and self.state in READ_DUE
-            and self.buffered < self.read_mark
-        )
+        return self._in_flight is None and self.state in READ_DUE and self.buffered < self.read_mark
 
     # --- views ------------------------------------------------------------------------------------
 

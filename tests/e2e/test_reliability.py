@@ -196,7 +196,9 @@ async def test_stalled_reader_is_bounded_and_does_not_slow_others(nursery, held:
             await fast.aclose()
             pool = t.daemon.pool
             assert pool is not None
-            held = sum(owner.rx.buffered for _, owner in pool.owners() if isinstance(owner, ModemSocket))
+            held = sum(
+                owner.rx.buffered for _, owner in pool.owners() if isinstance(owner, ModemSocket)
+            )
             assert held < 1 * MiB, f"daemon buffers {held} bytes for a stalled client"
             # The client wakes up: every byte arrives, in order, through QIRD and back to push.
             rest = await read_until(slow, slow_body, len(stalled_data))
