@@ -20,7 +20,7 @@ import trio
 
 from .at import commands as at
 from .at.constants import CONNECT_IDS, TIMEOUTS
-from .at.errors import CommandError, ErrorCode, ModemError
+from .at.errors import CommandError, ErrorCode, ModemError, ModemGone
 from .at.events import FrameCut, OpenResult, Recv, RecvNotify, SocketClosed
 from .modem import Answer, Modem
 from .util import single_error
@@ -196,9 +196,11 @@ class SocketPool:
         slot.owner = owner
         try:
             await self._open(slot, cmd)
-        except BaseException:
+        except BaseException as exc:
+            # After RDY the modem knows no socket any more: nothing to AT+QICLOSE.
+            lost = isinstance(exc, ModemGone)
             with trio.CancelScope(shield=True):
-                await self.release(slot, reason="open failed")
+                await self.release(slot, reason="open failed", skip_command=lost)
             raise
         slot.move(SlotState.OPEN)
         self.opened_total += 1

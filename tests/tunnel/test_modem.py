@@ -6,6 +6,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.tunnel.peer import Peer
 from tunnel.at import commands as at
 from tunnel.at.errors import (
     CommandError,
@@ -18,23 +19,6 @@ from tunnel.at.events import OpenResult, Recv
 from tunnel.modem import Modem, with_timeout
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
-
-
-class Peer:
-    """The modem side of the line, driven by the test."""
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.buf = b""
-
-    async def expect(self, data: bytes) -> None:
-        while len(self.buf) < len(data):
-            self.buf += await self.stream.receive_some()
-        got, self.buf = self.buf[: len(data)], self.buf[len(data) :]
-        assert got == data
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
 
 
 @pytest.fixture
