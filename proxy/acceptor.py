@@ -6,7 +6,8 @@ The decisions are `proxy.admission`'s; this is the loop that applies them on eac
 - with the table full of live flows, accepting waits for a close (the kernel's backlog holds
   the newcomers) instead of failing with EMFILE;
 - at the cap with handshakes open, the newcomer is accepted and the oldest handshake of the
-  source holding the most is dropped, so a flood of idle connections evicts itself;
+  source holding the most is dropped, so a flood of idle connections evicts itself (with
+  only live flows, the newcomer just waits, unread, for one of them to end);
 - EMFILE/ENFILE/ENOBUFS/ENOMEM from accept(2) (descriptors used elsewhere in the daemon) pause
   accepting for ACCEPT_PAUSE or until a connection closes; trio's serve_listeners would retry
   every 0.1 s and log each time.
@@ -47,8 +48,8 @@ class Acceptor:
 
     async def serve(self, listener: trio.SocketListener, start: Start) -> None:
         """Accept, admit and `start(client, peer, slot)` (which must not block) forever. At
-        most `table.cap` descriptors stay held, plus one per listener while a dropped
-        handshake closes."""
+        most `table.cap` descriptors are counted, plus one per listener held while it waits
+        for room."""
         table = self.table
         while True:
             while table.full:
@@ -72,14 +73,22 @@ class Acceptor:
             admitted = self._admit(client)
             if admitted is None:
                 continue
-            start(client, *admitted)
-            if table.used > table.cap:
-                table.evict_one()  # the newcomer is a handshake: there is always one to drop
-                while table.used > table.cap:
-                    await table.wait_release()
+            if table.used >= table.cap:
+                # Make room: drop a handshake, or (only live flows) keep the newcomer unread
+                # until one of them ends. Either way it waits here, held but not yet counted.
+                table.evict_one()
+                try:
+                    while table.used >= table.cap:
+                        await table.wait_release()
+                except BaseException:  # cancelled while it waited: it is still ours to close
+                    drop(client)
+                    raise
+            peer, key = admitted
+            start(client, peer, table.add(key, trio.current_time() + self._handshake_timeout))
 
-    def _admit(self, client: trio.SocketStream) -> tuple[str, Slot] | None:
-        """The peer's name and slot, or None after resetting a peer that may not connect."""
+    def _admit(self, client: trio.SocketStream) -> tuple[str, str] | None:
+        """The peer's name and source key, or None after resetting a peer that may not
+        connect."""
         try:
             address = client.socket.getpeername()
         except OSError:  # reset while in the backlog
@@ -108,7 +117,7 @@ class Acceptor:
             )
             drop(client)
             return None
-        return peer, self.table.add(key, trio.current_time() + self._handshake_timeout)
+        return peer, key
 
 
 def drop(client: trio.SocketStream) -> None:

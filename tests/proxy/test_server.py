@@ -2,7 +2,6 @@
 out, EOFs forwarded each way, resets where a flow was cut. Only 127.0.0.1 and ::1."""
 
 import logging
-import math
 import os
 import random
 import socket
@@ -14,163 +13,28 @@ import trio
 import trio.testing
 
 from proxy import DialError, ReplyCode, serve_socks5
-
-NOAUTH = b"\x05\x01\x00"
-OK_ZERO = b"\x05\x00\x00\x01" + bytes(6)  # SUCCEEDED, BND 0.0.0.0:0
-
-
-def request(addr: bytes, port: int, cmd: int = 1) -> bytes:
-    return bytes((5, cmd, 0)) + addr + port.to_bytes(2, "big")
-
-
-def ipv4(text: str) -> bytes:
-    return b"\x01" + socket.inet_pton(socket.AF_INET, text)
-
-
-def ipv6(text: str) -> bytes:
-    return b"\x04" + socket.inet_pton(socket.AF_INET6, text)
-
-
-def domain(name: str) -> bytes:
-    return bytes((3, len(name))) + name.encode()
-
-
-def refusal(code: int) -> bytes:
-    return bytes((5, code, 0, 1, 0, 0, 0, 0, 0, 0))
-
-
-async def recv_exactly(stream: trio.SocketStream, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = await stream.receive_some(n - len(buf))
-        if not chunk:
-            raise EOFError(bytes(buf))
-        buf += chunk
-    return bytes(buf)
-
-
-async def recv_all(stream: trio.SocketStream) -> bytes:
-    buf = bytearray()
-    while chunk := await stream.receive_some(65536):
-        buf += chunk
-    return bytes(buf)
-
-
-async def recv_reply(stream: trio.SocketStream) -> bytes:
-    head = await recv_exactly(stream, 4)
-    if head[3] == 3:
-        head += await recv_exactly(stream, 1)
-        return head + await recv_exactly(stream, head[4] + 2)
-    return head + await recv_exactly(stream, {1: 4, 4: 16}[head[3]] + 2)
-
-
-async def handshake(
-    proxy: tuple[str, int], req: bytes, greeting: bytes = NOAUTH, method: bytes = b"\x05\x00"
-) -> tuple[trio.SocketStream, bytes]:
-    stream = await trio.open_tcp_stream(*proxy)
-    await stream.send_all(greeting)
-    assert await recv_exactly(stream, 2) == method
-    await stream.send_all(req)
-    return stream, await recv_reply(stream)
-
-
-async def start_proxy(nursery: trio.Nursery, dialer: object, **kwargs: object) -> tuple[str, int]:
-    listen = kwargs.pop("listen", [("127.0.0.1", 0)])
-    bound = await nursery.start(partial(serve_socks5, dialer, listen, **kwargs))
-    return bound[0]
-
-
-async def echo_handler(stream: trio.SocketStream) -> None:
-    async with stream:
-        while data := await stream.receive_some(65536):
-            await stream.send_all(data)
-        await stream.send_eof()
-
-
-async def start_tcp(nursery: trio.Nursery, handler: object) -> int:
-    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
-    return int(listeners[0].socket.getsockname()[1])
-
-
-class LoopbackDialer:
-    """Dials 127.0.0.1:`port` whatever the client asked for, and records what it asked."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.asked: list[tuple[str, int]] = []
-
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        self.asked.append((host, port))
-        return await trio.open_tcp_stream("127.0.0.1", self.port)
-
-
-class FailingDialer:
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-        self.asked: list[tuple[str, int]] = []
-
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        self.asked.append((host, port))
-        raise self.exc
-
-
-_BREAK = object()
-
-
-class ScriptedStream(trio.abc.HalfCloseableStream):
-    """A modem-side stream the test drives: feed() bytes, finish() with EOF, fail() to break."""
-
-    def __init__(self, bound_address: object = None) -> None:
-        self.bound_address = bound_address
-        self._in, self._out = trio.open_memory_channel[object](math.inf)
-        self._broken = False
-        self.received = bytearray()
-        self.got_eof = trio.Event()
-        self.closed = trio.Event()
-
-    def feed(self, data: bytes) -> None:
-        self._in.send_nowait(data)
-
-    def finish(self) -> None:
-        self._in.send_nowait(b"")
-
-    def fail(self) -> None:
-        self._broken = True
-        self._in.send_nowait(_BREAK)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await trio.lowlevel.checkpoint()
-        if self._broken:
-            raise trio.BrokenResourceError("modem socket failed")
-        self.received += data
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint()
-        self.got_eof.set()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        item = await self._out.receive()
-        if item is _BREAK:
-            raise trio.BrokenResourceError("modem socket failed") from ConnectionResetError()
-        assert isinstance(item, bytes)
-        return item
-
-    async def aclose(self) -> None:
-        self.closed.set()
-        await trio.lowlevel.checkpoint()
-
-
-class ScriptedDialer:
-    def __init__(self, *streams: ScriptedStream) -> None:
-        self.streams = list(streams)
-        self.asked: list[tuple[str, int]] = []
-
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        self.asked.append((host, port))
-        return self.streams.pop(0)
+from tests.proxy.fakes import (
+    AUTH_GREETING,
+    NOAUTH,
+    OK_ZERO,
+    FailingDialer,
+    LoopbackDialer,
+    ScriptedDialer,
+    ScriptedStream,
+    auth,
+    domain,
+    echo_handler,
+    handshake,
+    ipv4,
+    ipv6,
+    recv_all,
+    recv_exactly,
+    recv_reply,
+    refusal,
+    request,
+    start_proxy,
+    start_tcp,
+)
 
 
 def payload_1mib() -> bytes:
@@ -346,13 +210,6 @@ async def test_bad_version_just_closes(nursery: trio.Nursery) -> None:
         await stream.send_all(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # SOCKS4 CONNECT
         assert await recv_all(stream) == b""
         await stream.aclose()
-
-
-AUTH_GREETING = b"\x05\x02\x00\x02"
-
-
-def auth(user: bytes, password: bytes) -> bytes:
-    return bytes((1, len(user))) + user + bytes((len(password),)) + password
 
 
 async def test_rfc1929_good_password(nursery: trio.Nursery) -> None:
