@@ -38,6 +38,7 @@ from .supervisor import Supervisor
 from .util import single_error
 
 if TYPE_CHECKING:
+    from .control import ClaimedSocket
     from .tun import TunFront
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,29 @@ class Daemon:
         self, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
     ) -> None:
         s = self.settings
+        # First of all: refuse to start beside a live daemon on the same control socket
+        # (ControlSocketBusy / ControlSocketError propagate), before any port is opened.
+        claimed = self._claim_control(s.control) if s.control else None
+        try:
+            await self._run(claimed, task_status)
+        finally:
+            if claimed is not None:
+                claimed.release()
+
+    def _claim_control(self, path: str) -> "ClaimedSocket | None":
+        from .control import claim
+
+        try:
+            return claim(path)
+        except OSError as exc:
+            # Not fatal: e.g. a user run without write access to /run. The proxy still serves.
+            log.warning("control socket unavailable path=%s reason=%s", path, exc)
+            return None
+
+    async def _run(
+        self, claimed: "ClaimedSocket | None", task_status: trio.TaskStatus[Serving]
+    ) -> None:
+        s = self.settings
         async with trio.open_nursery() as nursery:
             device = s.device
             if s.emulate:
@@ -115,8 +139,10 @@ class Daemon:
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
             socks = await nursery.start(_serve_proxy, self.dialer, s)
             self.device, self.socks = device, socks
-            if s.control:
-                await nursery.start(self._serve_control, s.control)
+            if claimed is not None:
+                from .control import serve_control
+
+                await nursery.start(serve_control, self, claimed)
             if s.tun:
                 # Imported here: pyroute2 costs ~12 MiB of RSS a SOCKS-only daemon need not pay.
                 from .tun import TunFront, TunSettings
@@ -130,18 +156,6 @@ class Daemon:
                 nursery.start_soon(self._watchdog, watchdog)
             await self._supervise(device, socks, task_status)
             nursery.cancel_scope.cancel()
-
-    async def _serve_control(
-        self, path: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        from .control import serve_control
-
-        try:
-            await serve_control(self, path, task_status=task_status)
-        except OSError as exc:
-            # Not fatal: e.g. a user run without write access to /run. The proxy still serves.
-            log.warning("control socket unavailable path=%s reason=%s", path, exc)
-            task_status.started("")
 
     def healthy(self) -> bool:
         """False when the supervision looks wedged: serving (or starting) yet nothing heard
