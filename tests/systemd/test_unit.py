@@ -46,12 +46,27 @@ def test_unit_verifies_clean(tmp_path: Path, with_tun: bool) -> None:
 
 
 @pytest.mark.parametrize("with_tun", [False, True])
-def test_security_exposure_at_most_3(tmp_path: Path, with_tun: bool) -> None:
+def test_security_exposure_at_most_2(tmp_path: Path, with_tun: bool) -> None:
     unit = unit_copy(tmp_path, BIN, with_tun=with_tun)
     done = analyze("security", "--offline=true", "--no-pager", unit.name, cwd=tmp_path)
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout + done.stderr)
     assert m, done.stdout + done.stderr
-    assert float(m.group(1)) <= 3.0, done.stdout
+    assert float(m.group(1)) <= 2.0, done.stdout
+
+
+def test_unit_sets_an_open_file_limit_the_proxy_cap_fits_under(tmp_path: Path) -> None:
+    """LimitNOFILE= is set (soft = hard), and systemd reads it as that number: the SOCKS cap
+    is derived from it (proxy.admission.FD_RESERVE below it)."""
+    from proxy.admission import FD_RESERVE
+
+    limits = re.findall(r"^LimitNOFILE=(\S+)$", UNIT.read_text(), re.M)
+    assert len(limits) == 1, limits
+    assert limits[0].isdigit()
+    assert int(limits[0]) >= 1024 + FD_RESERVE  # above the usual default, after the reserve
+    unit = unit_copy(tmp_path, BIN)
+    done = analyze("verify", unit.name, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "LimitNOFILE" not in done.stderr
 
 
 def test_unit_is_notify_with_watchdog_and_no_root() -> None:
