@@ -6,8 +6,10 @@ from the rest of the project it imports only `tunnel.at.constants` and `tunnel.a
 
 Modules: `core` (boot, input framing, dispatch), `general` / `tcpip` / `services` (command
 handlers `on_<stem>`), `session` (state of one power-up), `sockets` (connectIDs on host sockets),
-`internet` (the loopback-only internet), `line` (ordered, baud-paced serial writer and reader),
-`faults` (fault hooks and `--fault` specs), `ptyhost` (pty and the standalone command).
+`receive` (push frames, held data and the readings of AT+QISWTMD, the connectIDs' tasks),
+`internet` (the loopback-only internet), `line` (ordered, baud-paced serial writer and reader,
+brownout cuts), `faults` (fault hooks and `--fault` specs), `ptyhost` (pty and the standalone
+command).
 """
 
 import importlib

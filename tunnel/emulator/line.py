@@ -147,7 +147,9 @@ class SerialLine:
         self._pending = 0  # queued bytes plus the chunk being written
         self._in_flight = 0  # the chunk being written: no longer holds back the push readers
         self._accepted = 0  # output positions handed out by put()
-        self._done = 0  # positions written or dropped
+        self._done = 0  # positions written or dropped, in order
+        self._writing = 0  # the chunk the writer holds (paced or not)
+        self._skipped = 0  # dropped behind that chunk: done once it is
         self._progress: trio.Event | None = None  # set when _done moves; made only when awaited
         self._has_data = trio.Event()
         self._room = trio.Event()
@@ -267,7 +269,10 @@ class SerialLine:
         dropped = sum(len(data) for data in self._frames)
         self._frames.clear()
         self._pending -= dropped
-        self._advance(dropped)
+        if self._writing:
+            self._skipped += dropped  # they come after the chunk being written
+        else:
+            self._advance(dropped)
 
     def _advance(self, count: int) -> None:
         self._done += count
@@ -313,10 +318,12 @@ class SerialLine:
                 await self._has_data.wait()
                 continue
             data = self._take(self._chunk)
+            self._writing = len(data)
             self.bytes_out += await self._write(data)
-            self._in_flight = 0
+            self._in_flight = self._writing = 0
             self._pending -= len(data)
-            self._advance(len(data))
+            self._advance(len(data) + self._skipped)
+            self._skipped = 0
             self._wake()
 
     async def _write(self, data: bytes) -> int:

@@ -45,6 +45,18 @@ async def modem(start_modem: StartModem) -> tuple[Emulator, Host]:
 
 
 @pytest.fixture
+def modem_at(start_modem: StartModem) -> Callable[[int | None], Awaitable[tuple[Emulator, Host]]]:
+    """modem_at(baud) -> a booted emulator at that baud (None: unthrottled), context 1 active."""
+
+    async def start(baud: int | None) -> tuple[Emulator, Host]:
+        emulator, host = await start_modem(baud=baud)
+        assert await host.command("AT+QIACT=1") == ["OK"]
+        return emulator, host
+
+    return start
+
+
+@pytest.fixture
 async def tcp_peer(nursery: trio.Nursery) -> TcpPeer:
     return await TcpPeer().start(nursery)
 

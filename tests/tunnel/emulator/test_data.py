@@ -6,6 +6,7 @@ import itertools
 import random
 import socket as stdsocket
 
+import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -165,9 +166,13 @@ async def test_buffer_mode_backpressure_keeps_every_byte(modem, tcp_peer) -> Non
         assert bytes(got) == blob
 
 
-async def test_switching_modes_loses_nothing(modem, tcp_peer) -> None:
+# Under these two readings whatever the host takes off the wire (push frames, QIRD answers) is
+# the stream in order; keep and queue need a host that knows them (test_readings.py).
+@pytest.mark.parametrize("held", ["atomic", "gradual"])
+async def test_switching_modes_loses_nothing(held, start_modem, tcp_peer) -> None:
     """QISWTMD both ways while the server streams: every byte once, in order."""
-    _, host = modem
+    _, host = await start_modem(faults=[f"swtmd-held:{held}"])
+    assert await host.command("AT+QIACT=1") == ["OK"]
     blob = random.Random(3).randbytes(200_000)
     got = bytearray()
     with trio.fail_after(20):
@@ -185,7 +190,8 @@ async def test_switching_modes_loses_nothing(modem, tcp_peer) -> None:
             while len(got) < len(blob):
                 await host.send(f"AT+QISWTMD=0,{0 if push else 1}\r".encode())
                 # Until the OK, push frames may still arrive; after it, in buffer mode only
-                # URCs; switching to push flushes the buffer as frames right after the OK.
+                # URCs; switching to push pushes the held data after the OK (all at once, or
+                # chunk by chunk).
                 while True:
                     head = await host.line()
                     if head == "OK":

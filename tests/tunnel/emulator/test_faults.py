@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.tunnel.emulator.helpers import BOOT, Host
+from tests.tunnel.emulator.helpers import BOOT
 from tunnel.emulator import FAULT_SPECS, Emulator
 from tunnel.emulator.faults import TimedFault
 
@@ -74,7 +74,7 @@ async def test_spontaneous_reboot(modem, tcp_peer) -> None:
     emulator, host = modem
     with trio.fail_after(5):
         await open_push(host, tcp_peer)
-        emulator.faults.reboot()
+        emulator.faults.reboot(silence=0.05)  # test_brownout.py: the cut and the silence
         await host.expect(BOOT)
         await tcp_peer.wait_eof()
         assert emulator.socket_ids_in_use() == []
@@ -199,7 +199,7 @@ async def test_searching_then_registered(start_modem) -> None:
 
 
 async def test_timed_faults(start_modem) -> None:
-    specs = ["pdpdeact-after:0.2", "garbage-every:0.5", "reboot-after:0.8"]
+    specs = ["pdpdeact-after:0.2", "garbage-every:0.5", "reboot-after:0.8:0.05"]
     emulator, host = await start_modem(faults=specs)
     with trio.fail_after(5):
         assert await host.command("AT+QIACT=1") == ["OK"]
@@ -241,6 +241,9 @@ async def test_timed_remote_close(start_modem, tcp_peer) -> None:
         "garbage-every:0",
         "swtmd-held:maybe",
         "swtmd-held",
+        "swtmd-held:flush:1",
+        "qird-push",
+        "qird-push:none",
         "explode",
     ],
 )
@@ -263,43 +266,12 @@ def test_fault_specs_help_names_every_fault() -> None:
         "hang-after:",
         "reboot-after:",
         "swtmd-held:",
+        "atomic",
+        "gradual",
+        "keep",
+        "queue",
+        "qird-push:",
         "remote-close-after:",
         "garbage-every:",
     ):
         assert name in FAULT_SPECS
-
-
-async def _held_through_a_switch(start_modem, tcp_peer, held: str) -> tuple[Host, object]:
-    """Push mode, then buffer mode with b"old" held, then back to push: (host, server side)."""
-    _, host = await start_modem(faults=[f"swtmd-held:{held}"])
-    assert await host.command("AT+QIACT=1") == ["OK"]
-    server = await open_push(host, tcp_peer)
-    assert await host.command("AT+QISWTMD=0,0") == ["OK"]
-    await server.send_all(b"old")
-    assert await host.line() == '+QIURC: "recv",0'
-    assert await host.command("AT+QISWTMD=0,1") == ["OK"]  # nothing pushed after the OK
-    return host, server
-
-
-async def test_swtmd_held_keep_pushes_newer_data_past_held(start_modem, tcp_peer) -> None:
-    with trio.fail_after(5):
-        host, server = await _held_through_a_switch(start_modem, tcp_peer, "keep")
-        await server.send_all(b"new")
-        assert await host.line() == '+QIURC: "recv",0,3'
-        assert await host.read_exactly(3) == b"new"
-        await host.expect(b"\r\n")
-        await host.send(b"AT+QIRD=0,1500\r")
-        await host.expect(b"\r\n+QIRD: 3\r\nold\r\n\r\nOK\r\n")
-
-
-async def test_swtmd_held_queue_keeps_newer_data_behind_held(start_modem, tcp_peer) -> None:
-    with trio.fail_after(5):
-        host, server = await _held_through_a_switch(start_modem, tcp_peer, "queue")
-        await server.send_all(b"new")
-        await trio.testing.wait_all_tasks_blocked()
-        assert await host.command("AT+QIRD=0,0") == ["+QIRD: 6,0,6", "OK"]
-        await host.send(b"AT+QIRD=0,1500\r")
-        await host.expect(b"\r\n+QIRD: 6\r\noldnew\r\n\r\nOK\r\n")
-        await server.send_all(b"later")  # the modem holds nothing now: pushed
-        assert await host.line() == '+QIURC: "recv",0,5'
-        assert await host.read_exactly(5) == b"later"

@@ -1,0 +1,117 @@
+"""The serial line's output: positions, and a brownout that stops it at the byte on the wire."""
+
+from __future__ import annotations
+
+import os
+import tty
+
+import trio
+import trio.testing
+
+from tests.tunnel.emulator.helpers import pattern
+from tunnel.emulator.line import SerialLine
+
+
+async def receive_all_now(stream: trio.abc.ReceiveStream) -> bytes:
+    """Everything the line has written so far (the writer is idle or blocked): the data already
+    in the stream, then 10 ms without more."""
+    await trio.testing.wait_all_tasks_blocked()
+    got = b""
+    while True:
+        with trio.move_on_after(0.01) as scope:
+            got += await stream.receive_some(1 << 20)
+        if scope.cancelled_caught:
+            return got
+
+
+async def test_paced_cut_stops_inside_the_chunk_on_the_wire(nursery, autojump_clock) -> None:
+    modem_end, host_end = trio.testing.memory_stream_pair()
+    line = SerialLine(modem_end, 100_000)  # 10 000 bytes/s, chunks of 100 bytes (10 ms)
+    nursery.start_soon(line.run_writer)
+    data = pattern(1000)
+    with trio.fail_after(5):
+        line.put(data)
+        await trio.sleep(0.0255)  # two chunks delivered, the third half-way across
+        line.cut_now()
+        got = await receive_all_now(host_end)
+        # The 200 bytes of the first two chunks and the ~55 of the third that had crossed;
+        # a whole-chunk writer would have said 200 or 300.
+        assert 250 <= len(got) <= 260, len(got)
+        assert got == data[: len(got)]
+        line.put(b"lost")  # dead until power_on
+        assert await receive_all_now(host_end) == b""
+        line.power_on()
+        line.put(b"after")
+        await trio.sleep(0.01)
+        assert await receive_all_now(host_end) == b"after"
+        assert line.pending == 0
+
+
+async def test_unthrottled_cut_stops_a_blocked_write(nursery) -> None:
+    """On a pty the host does not read, the write blocks part-way; the cut ends it there."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    host = trio.lowlevel.FdStream(slave)
+    line = SerialLine(trio.lowlevel.FdStream(master), None)
+    nursery.start_soon(line.run_writer)
+    data = pattern(200_000)  # one chunk (MAX_WRITE), far more than the pty buffers
+    with trio.fail_after(10):
+        line.put(data)
+        line.put(b"queued")
+        await trio.testing.wait_all_tasks_blocked()  # the pty is full, the writer waits
+        line.cut_now()
+        line.power_on()
+        line.put(b"|after")
+        got = b""
+        while not got.endswith(b"|after"):
+            got += await host.receive_some(1 << 16)
+        got = got[: -len(b"|after")]
+        assert 0 < len(got) < len(data)
+        assert got == data[: len(got)]
+    await host.aclose()
+
+
+async def test_put_last_is_the_last_output(nursery) -> None:
+    modem_end, host_end = trio.testing.memory_stream_pair()
+    line = SerialLine(modem_end, None)
+    nursery.start_soon(line.run_writer)
+    calls: list[bytes] = []
+    with trio.fail_after(5):
+        first = line.put(b"whole frame;")
+        end = line.put_last(b"half a fra", lambda: calls.append(b"written"))
+        assert (first, end) == (12, 22)
+        assert line.put(b"never") == 22
+        await line.wait_written(end)
+        assert calls == [b"written"]
+        assert await receive_all_now(host_end) == b"whole frame;half a fra"
+        line.cut_now()  # the brownout the cut announced: nothing left, no second call
+        line.power_on()
+        await line.wait_written(line.put(b"on again"))
+        assert await receive_all_now(host_end) == b"on again"
+        assert calls == [b"written"]
+
+
+async def test_wait_written_keeps_the_order_when_output_is_dropped(nursery) -> None:
+    modem_end, host_end = trio.testing.lockstep_stream_pair()  # writes wait for the host
+    line = SerialLine(modem_end, None)
+    nursery.start_soon(line.run_writer)
+    done: list[str] = []
+
+    async def wait(name: str, position: int) -> None:
+        await line.wait_written(position)
+        done.append(name)
+
+    with trio.fail_after(5):
+        first = line.put(b"being written")
+        await trio.testing.wait_all_tasks_blocked()  # in send_all, the host not reading
+        second = line.put(b"dropped")
+        line.clear()
+        nursery.start_soon(wait, "second", second)
+        nursery.start_soon(wait, "first", first)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == []  # the dropped frame is settled only after the one before it
+        assert await host_end.receive_some(100) == b"being written"
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(done) == ["first", "second"]
+        assert line.pending == 0
