@@ -78,7 +78,7 @@ async def serve_socks5(
     if handshake_timeout <= 0:
         raise ValueError(f"handshake_timeout: {handshake_timeout} is not positive")
     fd_cap = default_max_connections()
-    table = ConnectionTable(max_connections or fd_cap)
+    table = ConnectionTable(fd_cap if max_connections is None else max_connections)
     throttle = AuthThrottle(auth_failures, auth_pause)
     server = _Server(dialer, users or {}, table, throttle, handshake_timeout, udp_require_port)
     acceptor = Acceptor(table, allow, throttle, server.logs, handshake_timeout)

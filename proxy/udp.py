@@ -96,6 +96,7 @@ class Association:
         # §7: zeros mean "not known yet": the first datagram's source port is taken.
         self._client_port = request.port or None
         self._client_addr: tuple[str, int] | None = None
+        self._connected = self._client_port is not None  # open_relay connected it already
         self._logs = logs
         self.up = 0
         self.down = 0
@@ -152,10 +153,11 @@ class Association:
             self._client_port = source[1]
         if source[1] != self._client_port:
             return False
-        if self._client_addr is None:
-            self._client_addr = (source[0], source[1])
+        self._client_addr = (source[0], source[1])
+        if not self._connected:
             # The owner is known: from now on the kernel drops everyone else's datagrams
             # (any already queued are still checked above).
+            self._connected = True
             await self._relay.connect(self._client_addr)
         return True
 

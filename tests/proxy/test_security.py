@@ -434,3 +434,17 @@ async def test_listen_address_in_use_names_it_and_what_holds_it() -> None:
         "there, often another uc20-tunnel (systemctl status uc20-tunnel); see what: "
         f"ss -ltnp 'sport = :{port}'"
     )
+
+
+@pytest.mark.parametrize(
+    ("limits", "named"),
+    [
+        ({"max_connections": 0}, "max_connections"),
+        ({"handshake_timeout": 0}, "handshake_timeout"),
+        ({"auth_failures": 0}, "auth_failures"),
+        ({"auth_pause": -1}, "auth_pause"),
+    ],
+)
+async def test_bad_limits_are_refused_by_name(limits: dict, named: str) -> None:
+    with trio.fail_after(5), pytest.raises(ValueError, match=named):
+        await serve_socks5(FailingDialer(AssertionError()), [("127.0.0.1", 0)], **limits)
