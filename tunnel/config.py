@@ -79,6 +79,12 @@ class Settings:
     # Seconds a push frame or QIRD answer may pause midway before it counts as cut (a modem
     # rebooting mid-frame); 0: derived from the baud rate (tunnel.modem.frame_timeout).
     frame_timeout: float = 0.0
+    # Sharing the 12 connectIDs (tunnel.sockets.SharePolicy): reclaim a flow idle this long when
+    # all are taken and a request waits (0: never); at most this many per client address (0: no
+    # cap); close a flow with no traffic either way for this long (0: never).
+    reclaim_idle: float = 10.0
+    client_flows: int = 0
+    idle_timeout: float = 7200.0
     tun: str = ""
     tun_routes: tuple[str, ...] = ()
     # Defaults as in tunnel/tun/settings.py (not imported: it would pull in pyroute2).
@@ -266,8 +272,9 @@ def _tun(key: str, v: Any) -> str:
 
 
 def _seconds_or_auto(key: str, v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-        raise ConfigError(f"{key}: expected a number of seconds (0: automatic)")
+    """Seconds, where 0 has a meaning of its own (automatic, or off)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 10**7:
+        raise ConfigError(f"{key}: expected a number of seconds, 0 or more")
     return float(v)
 
 
@@ -291,6 +298,9 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "connect_wait": _positive,
     "flow_buffer": _int_in(16 * 1024, 64 * 1024 * 1024),
     "frame_timeout": _seconds_or_auto,
+    "reclaim_idle": _seconds_or_auto,
+    "client_flows": _int_in(0, 12),
+    "idle_timeout": _seconds_or_auto,
     "tun": _tun,
     "tun_routes": _tun_routes,
     "tun_address": _ipv4,

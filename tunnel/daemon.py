@@ -32,7 +32,7 @@ from .dialer import ModemDialer
 from .modem import Modem, frame_timeout, with_timeout
 from .serialport import SerialPortError, open_port
 from .services import ModemServices
-from .sockets import SocketPool
+from .sockets import SharePolicy, SocketPool
 from .startup import Identity, SimError, start_up
 from .supervisor import Supervisor
 from .util import single_error
@@ -281,7 +281,8 @@ class Daemon:
         self._startup_scope = None
         if self.stopping:
             return End.STOP
-        async with SocketPool.open(modem, s.context) as pool:
+        share = SharePolicy(s.reclaim_idle, s.client_flows, s.idle_timeout)
+        async with SocketPool.open(modem, s.context, share) as pool:
             self.pool = pool
             services = ModemServices(modem, s.context)
             self.supervisor.working()

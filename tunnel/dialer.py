@@ -14,7 +14,7 @@ from .at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, Mode
 from .dns import Resolver
 from .modem import AnswerTimeout
 from .services import ModemServices, PingReport
-from .sockets import Slot, SocketPool
+from .sockets import ClientFlowLimit, Slot, SocketPool
 from .stream import RX_BUFFER, ModemSocket
 from .stream import open_tcp as open_modem_tcp
 from .udp import ModemUdpFlow, open_udp
@@ -85,7 +85,7 @@ class ModemDialer:
             if self._available.is_set():
                 self._available = trio.Event()
 
-    async def _reserve(self) -> tuple[SocketPool, Slot]:
+    async def _reserve(self, client: str = "") -> tuple[SocketPool, Slot]:
         deadline = trio.current_time() + self.connect_wait
         with trio.move_on_at(deadline):
             await self._available.wait()
@@ -94,7 +94,10 @@ class ModemDialer:
             raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
         # A network back just at the deadline still gets its free connectID.
         with trio.move_on_at(max(deadline, trio.current_time() + 0.1)) as waited:
-            slot = await pool.reserve()
+            try:
+                slot = await pool.reserve(client)
+            except ClientFlowLimit as exc:
+                raise DialError(ReplyCode.GENERAL_FAILURE, str(exc)) from None
         if waited.cancelled_caught:
             raise DialError(
                 ReplyCode.GENERAL_FAILURE,
@@ -106,8 +109,11 @@ class ModemDialer:
             raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
         return pool, slot
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        pool, slot = await self._reserve()
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
+        """A TCP flow for `client` (an address: the unit of fair sharing), or DialError."""
+        pool, slot = await self._reserve(client)
         try:
             sock: ModemSocket = await open_modem_tcp(
                 pool, host, port, slot, rx_buffer=self.flow_buffer
@@ -116,8 +122,8 @@ class ModemDialer:
             raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
         return sock
 
-    async def open_udp(self) -> ModemUdpFlow:
-        pool, slot = await self._reserve()
+    async def open_udp(self, *, client: str = "") -> ModemUdpFlow:
+        pool, slot = await self._reserve(client)
         try:
             return await open_udp(pool, slot)
         except (ModemError, trio.TooSlowError) as exc:

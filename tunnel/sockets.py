@@ -11,8 +11,9 @@ ConnectID lifecycle, one table: FREE -> OPENING -> OPEN -> CLOSING -> FREE.
 
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any, Final, Protocol
 
@@ -79,7 +80,35 @@ class FlowOwner(Protocol):
     def on_id_wanted(self) -> None:
         """Someone waits for a free connectID: give it back now if you are only lingering."""
 
+    def idle_since(self) -> float | None:
+        """trio time since which no byte moved either way and none waits anywhere (in the modem,
+        in our buffer); None while the flow is busy or must not be closed for being idle."""
+
+    def on_idle_close(self, reason: str) -> None:
+        """The pool closes this idle flow now (to make room, or past idle_timeout): its client
+        sees the clean end an origin gives an idle keep-alive connection."""
+
     async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SharePolicy:
+    """How the twelve connectIDs are shared (DESIGN.md principle 8).
+
+    `reclaim_idle`: when every id is taken and a request waits, the flow idle longest (at least
+    this long), taken from the client holding the most flows, is closed to make room; a flow
+    that moves data is never reclaimed. 0 disables. `client_flows`: at most this many ids per
+    client (0: no cap; on a router every local program is the same 127.0.0.1). `idle_timeout`:
+    a flow with no traffic either way this long is closed (0: never).
+    """
+
+    reclaim_idle: float = 10.0
+    client_flows: int = 0
+    idle_timeout: float = 7200.0
+
+
+class ClientFlowLimit(ModemError):
+    """The client already holds its `client_flows` connectIDs."""
 
 
 class OpenAnswer(Answer[int]):
@@ -103,12 +132,13 @@ class OpenAnswer(Answer[int]):
 class Slot:
     """One connectID: its lifecycle state and whoever owns it while open."""
 
-    __slots__ = ("connect_id", "opening", "owner", "state")
+    __slots__ = ("client", "connect_id", "opening", "owner", "state")
 
     def __init__(self, connect_id: int) -> None:
         self.connect_id = connect_id
         self.state = SlotState.FREE
         self.owner: FlowOwner | None = None
+        self.client = ""  # who asked for it (an address), for fair sharing
         self.opening: OpenAnswer | None = None  # while AT+QIOPEN waits for its URC
 
     @property
@@ -129,9 +159,18 @@ class SocketPool:
     `start_soon`, so it ends with the pool.
     """
 
-    def __init__(self, modem: Modem, context_id: int, nursery: trio.Nursery) -> None:
+    def __init__(
+        self,
+        modem: Modem,
+        context_id: int,
+        nursery: trio.Nursery,
+        policy: SharePolicy | None = None,
+    ) -> None:
         self.modem = modem
         self.context_id = context_id
+        self.policy = policy or SharePolicy()
+        self.reclaimed_total = 0
+        self.idle_closed_total = 0
         self._nursery = nursery
         self._slots = [Slot(i) for i in CONNECT_IDS]
         # Least recently freed first: a late URC for an old flow never meets a new one.
@@ -143,16 +182,20 @@ class SocketPool:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def open(cls, modem: Modem, context_id: int) -> AsyncIterator["SocketPool"]:
+    async def open(
+        cls, modem: Modem, context_id: int, policy: SharePolicy | None = None
+    ) -> AsyncIterator["SocketPool"]:
         with single_error():
             async with trio.open_nursery() as nursery:
-                pool = cls(modem, context_id, nursery)
+                pool = cls(modem, context_id, nursery, policy)
                 unroute = [
                     modem.route(Recv, pool._on_recv),
                     modem.route(RecvNotify, pool._on_notify),
                     modem.route(SocketClosed, pool._on_closed),
                     modem.route(FrameCut, pool._on_frame_cut),
                 ]
+                if pool.policy.idle_timeout > 0:
+                    nursery.start_soon(pool._close_idle_flows)
                 try:
                     yield pool
                 finally:
@@ -167,20 +210,86 @@ class SocketPool:
 
     # --- opening ----------------------------------------------------------------------------
 
-    async def reserve(self) -> Slot:
-        """Wait for a free connectID (cancellable: callers bound the wait)."""
+    async def reserve(self, client: str = "") -> Slot:
+        """Wait for a free connectID (cancellable: callers bound the wait). ClientFlowLimit
+        when `client` already holds its share."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        cap = self.policy.client_flows
+        if cap and client and sum(s.client == client for s in self._slots) >= cap:
+            raise ClientFlowLimit(f"client {client} already holds {cap} modem connections")
         while not self._free:
-            # Someone waits: flows whose client already sent EOF give their id back now.
+            # Someone waits: flows whose client already sent EOF give their id back now, and
+            # a flow idle long enough makes room.
             for busy in self._slots:
                 if busy.owner is not None:
                     busy.owner.on_id_wanted()
-            await self._waiting.park()
+            if self._free:
+                break
+            victim, ready_at = self._idle_victim()
+            if victim is not None:
+                await self._close_idle(victim, "reclaimed: idle while every connection was taken")
+                self.reclaimed_total += 1
+                continue
+            with trio.move_on_at(ready_at):
+                await self._waiting.park()
         slot = self._free.popleft()
         slot.move(SlotState.OPENING)
+        slot.client = client
         if self._all_free.is_set():
             self._all_free = trio.Event()
         return slot
+
+    def _idle_victim(self) -> tuple[Slot | None, float]:
+        """The flow to reclaim now (idle longest, of the client holding most flows), and
+        otherwise when the first one could become idle enough (inf: never)."""
+        limit = self.policy.reclaim_idle
+        if limit <= 0:
+            return None, float("inf")
+        now = trio.current_time()
+        holding = Counter(s.client for s in self._slots if s.state is SlotState.OPEN)
+        best: tuple[int, float] | None = None
+        victim: Slot | None = None
+        soonest = float("inf")
+        for slot in self._slots:
+            if slot.state is not SlotState.OPEN or slot.owner is None:
+                continue
+            since = slot.owner.idle_since()
+            if since is None:
+                continue
+            if now - since < limit:
+                soonest = min(soonest, since + limit)
+                continue
+            rank = (holding[slot.client], now - since)
+            if best is None or rank > best:
+                best, victim = rank, slot
+        return victim, soonest
+
+    async def _close_idle(self, slot: Slot, reason: str) -> None:
+        owner = slot.owner
+        assert owner is not None
+        log.info("flow closed id=%d client=%s reason=%s", slot.connect_id, slot.client, reason)
+        owner.on_idle_close(reason)
+        with trio.CancelScope(shield=True):
+            await self.release(slot, reason=reason)
+
+    async def _close_idle_flows(self) -> None:
+        """Close flows with no traffic either way for idle_timeout (SSH sessions keep theirs
+        alive by their own keepalives; a forgotten one must not hold an id for good)."""
+        limit = self.policy.idle_timeout
+        while True:
+            now = trio.current_time()
+            next_check = now + limit
+            for slot in self._slots:
+                owner = slot.owner
+                since = owner.idle_since() if owner is not None else None
+                if since is None or slot.state is not SlotState.OPEN:
+                    continue
+                if now - since >= limit:
+                    await self._close_idle(slot, f"idle for {limit:g} s")
+                    self.idle_closed_total += 1
+                else:
+                    next_check = min(next_check, since + limit)
+            await trio.sleep_until(next_check)
 
     def unreserve(self, slot: Slot) -> None:
         slot.move(SlotState.CLOSING)
@@ -305,6 +414,7 @@ class SocketPool:
 
     def _free_slot(self, slot: Slot) -> None:
         slot.owner = None
+        slot.client = ""
         slot.move(SlotState.FREE)
         self._free.append(slot)
         self._waiting.unpark()
@@ -321,6 +431,10 @@ class SocketPool:
 
     def in_use(self) -> list[int]:
         return [s.connect_id for s in self._slots if s.state is not SlotState.FREE]
+
+    def clients(self) -> Counter[str]:
+        """How many connectIDs each client holds."""
+        return Counter(s.client for s in self._slots if s.state is not SlotState.FREE)
 
     def owners(self) -> list[tuple[int, FlowOwner]]:
         """(connectID, owner) of every connectID that has one, for status views."""

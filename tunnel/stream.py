@@ -40,6 +40,7 @@ ACK_WAIT: Final = 10.0
 HALF_CLOSE_LINGER: Final = 2.0
 # The machine holds nothing in the modem in these states: a quiet peer there is really quiet.
 _QUIET_STATES: Final = frozenset({RxState.PUSH, RxState.EMPTY})
+_IDLE_STATES: Final = _QUIET_STATES | {RxState.ENDED, RxState.DONE}
 
 
 async def open_tcp(
@@ -90,14 +91,16 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self._receiving = False
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.opened_at = trio.current_time()
+        self.opened_at = self.last_active = trio.current_time()
         self.bound_address: tuple[str, int] | None = None
+        self._idle_closed = ""
 
     # --- FlowOwner: called by the serial reader (never block) -------------------------------
 
     def on_push(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
+        self.last_active = now = trio.current_time()
         if self._write_closed:
-            self._linger_until = trio.current_time() + HALF_CLOSE_LINGER
+            self._linger_until = now + HALF_CLOSE_LINGER
         self._apply(self.rx.push(data))
 
     def on_recv_notify(self) -> None:
@@ -120,6 +123,17 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         if self._write_closed and not self._linger_over:
             self._linger_until = trio.current_time()
             self._wake_consumer()
+
+    def idle_since(self) -> float | None:
+        if self._sending or self.rx.buffered or self.rx.state not in _IDLE_STATES:
+            return None
+        return self.last_active
+
+    def on_idle_close(self, reason: str) -> None:
+        # The pool frees the id itself: this stream ends cleanly and frees nothing more.
+        self._slot = None
+        self._idle_closed = reason
+        self._wake_consumer()
 
     def _break(self, reason: str) -> None:
         if self._failure is None:
@@ -184,6 +198,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             response = await modem.command(at.qird(cid))
         except ModemError as exc:
             return self.rx.read_failed(str(exc))
+        if response.data:
+            self.last_active = trio.current_time()
         return self.rx.read_done(response.data or b"")
 
     # --- trio stream API --------------------------------------------------------------------
@@ -202,9 +218,12 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket was closed")
-                if self._linger_over:
-                    return b""
                 data = self.rx.take(max_bytes)
+                if self._linger_over or self._idle_closed:
+                    if isinstance(data, bytes) and data:
+                        self.bytes_received += len(data)
+                        return data
+                    return b""
                 if isinstance(data, bytes):
                     self.bytes_received += len(data)
                     if self.rx.wants_driver():
@@ -261,7 +280,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             if self._closed:
                 raise trio.ClosedResourceError("socket was closed")
             if self._slot is None:
-                raise trio.BrokenResourceError("connection no longer open in the modem")
+                why = self._idle_closed or "connection no longer open in the modem"
+                raise trio.BrokenResourceError(why)
             try:
                 await modem.send_data(self.connect_id, chunk)
             except SendBufferFull:
@@ -282,6 +302,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 self._break(f"send failed: {exc}")
                 raise trio.BrokenResourceError(f"send failed: {exc}") from exc
             self.bytes_sent += len(chunk)
+            self.last_active = trio.current_time()
             return
 
     async def wait_send_all_might_not_block(self) -> None:

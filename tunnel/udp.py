@@ -147,6 +147,12 @@ class ModemUdpFlow:
     def on_id_wanted(self) -> None:
         pass
 
+    def idle_since(self) -> float | None:
+        return None  # UDP mappings have their own idle policy in each front
+
+    def on_idle_close(self, reason: str) -> None:
+        self.on_failed(reason, modem_lost=False)
+
     def _wake(self) -> None:
         if self._wakeup is not None:
             self._wakeup.set()

@@ -1,6 +1,8 @@
 """Test harness: a daemon on the in-process emulator, SOCKS5 on an ephemeral loopback port."""
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +35,10 @@ async def start_tunnel(
     nursery: trio.Nursery, emulator: Emulator | None = None, **overrides: Any
 ) -> AsyncIterator[Tunnel]:
     """A daemon (settings `overrides`) on the emulator, stopped gracefully on exit."""
+    # A control socket of its own: never the system's (another daemon may hold it).
+    private = tempfile.mkdtemp(prefix="uc20-test-")
     values: dict[str, Any] = {
+        "control": f"{private}/control.sock",
         "emulate": True,
         "apn": "internet",
         "socks": (("127.0.0.1", 0),),
@@ -56,3 +61,4 @@ async def start_tunnel(
     daemon.stop()
     with trio.fail_after(30):
         await finished.wait()
+    shutil.rmtree(private, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""Sharing the modem's twelve connectIDs: idle flows make room, busy ones never do (issue 12).
+
+A client that opens twelve CONNECTs to a silent server and sends nothing used to lock every
+other client out (0x01) for as long as it liked.
+"""
+
+import trio
+
+from tests.e2e.harness import start_tunnel
+from tests.helpers import echo_handler, receive_exactly, serve_and_stay, serve_tcp, socks_connect
+
+SUCCEEDED = 0x00
+GENERAL_FAILURE = 0x01
+
+
+async def test_idle_flows_make_room_and_a_busy_one_is_never_reclaimed(nursery) -> None:
+    silent_port = await nursery.start(serve_and_stay, b"")
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery, reclaim_idle=0.5, connect_wait=10) as t:
+        with trio.fail_after(30):
+            idle = []
+            for _ in range(11):
+                stream, reply = await socks_connect(t.socks_port, "127.0.0.1", silent_port)
+                assert reply == SUCCEEDED
+                idle.append(stream)
+            busy, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            assert len(t.emulator.socket_ids_in_use()) == 12
+            stop = trio.Event()
+
+            async def keep_busy() -> None:
+                i = 0
+                while not stop.is_set():
+                    msg = b"%d " % i
+                    await busy.send_all(msg)
+                    assert await receive_exactly(busy, len(msg)) == msg
+                    i += 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(keep_busy)
+                # A 13th request waits; after 0.5 s of silence one idle flow is closed for it.
+                started = trio.current_time()
+                late, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+                assert reply == SUCCEEDED
+                assert trio.current_time() - started < 5
+                await late.send_all(b"in")
+                assert await receive_exactly(late, 2) == b"in"
+                stop.set()
+            # One idle flow ended, cleanly, as an origin ends an idle keep-alive; only one.
+            ended: list[bytes] = []
+            async with trio.open_nursery() as watch:
+
+                async def watch_one(stream: trio.SocketStream) -> None:
+                    ended.append(await stream.receive_some(10))
+                    watch.cancel_scope.cancel()
+
+                for stream in idle:
+                    watch.start_soon(watch_one, stream)
+            assert ended == [b""]
+            pool = t.daemon.pool
+            assert pool is not None
+            assert pool.reclaimed_total == 1
+            await busy.send_all(b"still")
+            assert await receive_exactly(busy, 5) == b"still"
+            for stream in [*idle, busy, late]:
+                await stream.aclose()
+
+
+async def test_a_forgotten_flow_is_closed_after_idle_timeout(nursery) -> None:
+    silent_port = await nursery.start(serve_and_stay, b"hello")
+    async with start_tunnel(nursery, idle_timeout=0.5) as t:
+        with trio.fail_after(20):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", silent_port)
+            assert reply == SUCCEEDED
+            assert await receive_exactly(stream, 5) == b"hello"
+            assert await stream.receive_some(10) == b""  # closed for being idle
+            await t.emulator.wait_command("AT+QICLOSE=")
+            pool = t.daemon.pool
+            assert pool is not None
+            await pool.wait_idle()
+            assert pool.idle_closed_total == 1
+            await stream.aclose()
