@@ -129,14 +129,14 @@ class ModemDialer:
         except (ModemError, trio.TooSlowError) as exc:
             raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
 
-    async def resolve(self, name: str) -> DnsAnswer:
+    async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         with trio.move_on_after(self.connect_wait):
             await self._available.wait()
-        return await self.resolver.resolve(name)
+        return await self.resolver.resolve(name, client)
 
-    async def resolve_address(self, name: str) -> str:
+    async def resolve_address(self, name: str, *, client: str = "") -> str:
         try:
-            return (await self.resolve(name)).addresses[0]
+            return (await self.resolve(name, client=client)).addresses[0]
         except ResolveError as exc:
             reply = ReplyCode.HOST_UNREACHABLE if exc.not_found else ReplyCode.GENERAL_FAILURE
             raise DialError(reply, str(exc)) from None

@@ -3,7 +3,14 @@
 The answer comes as URCs after the command's OK: `+QIURC: "dnsgip",<err>,<IPcount>,<DNS_ttl>`
 then one `+QIURC: "dnsgip",<hostIPaddr>` per address (`Modem.chat` with `DnsLookup`). The modem
 resolves one name at a time (574 "DNS parse busy") and its URCs do not name the host, so lookups
-are serialised; concurrent lookups of one name share it.
+are serialised.
+
+Every lookup costs the modem a command and seconds of a real network, and any client can ask for
+names (SOCKS UDP, the TUN DNS responder): so answers are cached for their TTL and "no such name"
+for NEGATIVE_TTL (RFC 2308), concurrent lookups of one name share one query, and what reaches the
+modem is bounded per client (PER_CLIENT_PENDING waiting, RATE per second) and in all (MAX_PENDING).
+A client past its share gets a lookup failure at once (SERVFAIL for the TUN front), never a
+place in a queue that starves the others.
 """
 
 import ipaddress
@@ -24,6 +31,45 @@ log = logging.getLogger(__name__)
 
 CACHE_SIZE: Final = 256
 MAX_TTL: Final = 24 * 3600  # a modem reporting a silly TTL must not pin an answer for days
+NEGATIVE_TTL: Final = 30  # RFC 2308 §5: cache NXDOMAIN, bounded
+MAX_PENDING: Final = 64  # lookups waiting for the modem, all clients
+PER_CLIENT_PENDING: Final = 32  # a page of names from one host still fits
+RATE: Final = 20.0  # modem lookups per second per client (cache misses), bursts of BURST
+BURST: Final = 60.0
+
+
+class _Shared:
+    """One lookup in flight and what it came to, for everyone who asked the same name."""
+
+    __slots__ = ("answer", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.answer: DnsAnswer | None = None
+        self.error: ResolveError | None = None
+
+    def outcome(self) -> DnsAnswer:
+        if self.answer is not None:
+            return self.answer
+        raise self.error or ResolveError("?", "lookup abandoned", not_found=False)
+
+
+class _Bucket:
+    """A token bucket: `take()` is False once the client has spent its burst."""
+
+    __slots__ = ("at", "tokens")
+
+    def __init__(self, now: float) -> None:
+        self.tokens = BURST
+        self.at = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(BURST, self.tokens + (now - self.at) * RATE)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class DnsLookup(Answer[tuple[DnsHeader, tuple[str, ...]]]):
@@ -60,16 +106,21 @@ class Resolver:
         self._modem: Modem | None = None
         self._context_id = 1
         self._lock = trio.Lock()
-        self._cache: OrderedDict[str, tuple[DnsAnswer, float]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[DnsAnswer | ResolveError, float]] = OrderedDict()
+        # One query per name at a time: later askers wait for its outcome.
+        self._inflight: dict[str, _Shared] = {}
+        self._pending: dict[str, int] = {}  # client -> lookups waiting for the modem
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.lookups = 0
         self.hits = 0
+        self.refused = 0
 
     def attach(self, modem: Modem | None, context_id: int = 1) -> None:
         """Resolve through `modem` from now on (None: the network is down)."""
         self._modem = modem
         self._context_id = context_id
 
-    async def resolve(self, name: str) -> DnsAnswer:
+    async def resolve(self, name: str, client: str = "") -> DnsAnswer:
         """IPv4 addresses for `name` (an IPv4 literal answers itself), or ResolveError."""
         try:
             return DnsAnswer((str(ipaddress.IPv4Address(name)),), 0)
@@ -79,21 +130,61 @@ class Resolver:
         cached = self._fresh(key)
         if cached is not None:
             self.hits += 1
+            if isinstance(cached, ResolveError):
+                raise cached
             return cached
-        async with self._lock:
-            cached = self._fresh(key)  # someone else asked while we waited
-            if cached is not None:
-                self.hits += 1
-                return cached
-            answer = await self._ask(key)
+        shared = self._inflight.get(key)
+        if shared is not None:
+            # Someone is asking the modem this very name: share its outcome, whatever it is.
+            self.hits += 1
+            await shared.done.wait()
+            return shared.outcome()
+        self._admit(key, client)
+        query = self._inflight[key] = _Shared()
+        self._pending[client] = self._pending.get(client, 0) + 1
+        try:
+            async with self._lock:
+                answer = await self._ask(key)
+        except ResolveError as exc:
+            if exc.not_found:
+                self._store(key, exc, NEGATIVE_TTL)
+            query.error = exc
+            raise
+        finally:
+            self._pending[client] -= 1
+            if not self._pending[client]:
+                del self._pending[client]
+            del self._inflight[key]
+            query.done.set()
+        query.answer = answer
         if answer.ttl > 0:
-            self._cache[key] = (answer, trio.current_time() + min(answer.ttl, MAX_TTL))
-            self._cache.move_to_end(key)
-            while len(self._cache) > CACHE_SIZE:
-                self._cache.popitem(last=False)
+            self._store(key, answer, min(answer.ttl, MAX_TTL))
         return answer
 
-    def _fresh(self, key: str) -> DnsAnswer | None:
+    def _admit(self, name: str, client: str) -> None:
+        """A cache miss from `client` may go to the modem, or ResolveError("busy") now."""
+        waiting = sum(self._pending.values())
+        if waiting >= MAX_PENDING or self._pending.get(client, 0) >= PER_CLIENT_PENDING:
+            self.refused += 1
+            raise ResolveError(name, "too many lookups waiting for the modem", not_found=False)
+        now = trio.current_time()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = _Bucket(now)
+            while len(self._buckets) > CACHE_SIZE:
+                self._buckets.popitem(last=False)
+        self._buckets.move_to_end(client)
+        if not bucket.take(now):
+            self.refused += 1
+            raise ResolveError(name, f"lookup rate over {RATE:g}/s", not_found=False)
+
+    def _store(self, key: str, value: DnsAnswer | ResolveError, ttl: float) -> None:
+        self._cache[key] = (value, trio.current_time() + ttl)
+        self._cache.move_to_end(key)
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    def _fresh(self, key: str) -> DnsAnswer | ResolveError | None:
         entry = self._cache.get(key)
         if entry is None:
             return None
@@ -102,6 +193,8 @@ class Resolver:
         if now >= expires:
             del self._cache[key]
             return None
+        if isinstance(answer, ResolveError):
+            return answer
         # The remaining lifetime is what a client may still cache it for.
         return DnsAnswer(answer.addresses, max(1, int(expires - now)))
 

@@ -78,7 +78,14 @@ class ModemServices:
     async def ping(self, host: str, *, wait: int = 1, count: int = 4) -> PingReport:
         """AT+QPING; ResolveError when the host is unknown, ServiceError otherwise."""
         cmd = at.qping(self.context_id, host, wait, count)
-        async with self._ping_lock:
+        # The modem pings one host at a time. A ping to an unreachable host holds the modem for
+        # count x wait seconds: a caller waits for its turn no longer than its own ping may take,
+        # so nobody's ping is held up by a queue of others' (issue 12 row 8).
+        with trio.move_on_after(wait * count) as waited:
+            await self._ping_lock.acquire()
+        if waited.cancelled_caught:
+            raise ServiceError(f"ping {host}: the modem is busy with another ping")
+        try:
             try:
                 # Each request waits up to `wait` seconds; the summary follows the last one.
                 report = await self.modem.chat(cmd, PingAnswer(host, wait * count + 30))
@@ -86,6 +93,8 @@ class ModemServices:
                 raise ServiceError(f"ping {host}: {exc}") from None
             except AnswerTimeout:
                 raise ServiceError(f"ping {host}: no summary from the modem") from None
+        finally:
+            self._ping_lock.release()
         summary = report.summary
         assert summary is not None
         if summary.result == 4 or summary.result == 565:

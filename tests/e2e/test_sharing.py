@@ -4,10 +4,15 @@ A client that opens twelve CONNECTs to a silent server and sends nothing used to
 other client out (0x01) for as long as it liked.
 """
 
+from functools import partial
+
+import pytest
 import trio
 
 from tests.e2e.harness import start_tunnel
 from tests.helpers import echo_handler, receive_exactly, serve_and_stay, serve_tcp, socks_connect
+from tunnel.services import ServiceError
+from tunnel.uplink import ResolveError
 
 SUCCEEDED = 0x00
 GENERAL_FAILURE = 0x01
@@ -80,3 +85,58 @@ async def test_a_forgotten_flow_is_closed_after_idle_timeout(nursery) -> None:
             await pool.wait_idle()
             assert pool.idle_closed_total == 1
             await stream.aclose()
+
+
+async def test_a_flood_of_lookups_is_bounded_and_others_still_resolve(nursery) -> None:
+    # Row 7: random names through UDP associations once meant 21,456 AT+QIDNSGIP in 12 s.
+    async with start_tunnel(nursery) as t:
+        dialer = t.daemon.dialer
+        with trio.fail_after(30):
+            before = sum(c.startswith("AT+QIDNSGIP") for c in t.emulator.stats.commands)
+            failures: list[str] = []
+
+            async def flood(i: int) -> None:
+                try:
+                    await dialer.resolve(f"n{i}.invalid", client="127.0.0.2")
+                except ResolveError as exc:
+                    failures.append(exc.reason)
+
+            async with trio.open_nursery() as flooders:
+                for i in range(300):
+                    flooders.start_soon(flood, i)
+                # Another client is not starved by it.
+                started = trio.current_time()
+                answer = await dialer.resolve("other.test", client="127.0.0.3")
+                assert answer.addresses == ("198.18.0.1",)
+                assert trio.current_time() - started < 2
+            asked = sum(c.startswith("AT+QIDNSGIP") for c in t.emulator.stats.commands) - before
+            assert len(failures) == 300  # all NXDOMAIN (565) or refused at once
+            assert asked <= 90, f"{asked} lookups reached the modem"
+            refused = [r for r in failures if "waiting" in r or "rate" in r]
+            assert len(refused) >= 200
+            # One query per name in flight, and "no such name" is remembered (RFC 2308).
+            before = sum(c.startswith("AT+QIDNSGIP") for c in t.emulator.stats.commands)
+            async with trio.open_nursery() as same:
+                for _ in range(20):
+                    same.start_soon(partial(dialer.resolve, "shared.test", client="127.0.0.4"))
+            for _ in range(3):
+                with pytest.raises(ResolveError):
+                    await dialer.resolve("gone.invalid", client="127.0.0.5")
+            asked = sum(c.startswith("AT+QIDNSGIP") for c in t.emulator.stats.commands) - before
+            assert asked == 2
+
+
+async def test_a_slow_ping_does_not_hold_up_other_pings_longer_than_their_own(nursery) -> None:
+    # Row 8: a ping to an unreachable host blocked every other ping (TUN ICMP too) for 15 s.
+    async with start_tunnel(nursery) as t:
+        dialer = t.daemon.dialer
+        with trio.fail_after(30):
+            async with trio.open_nursery() as pings:
+                # 3 s of timeouts: the host is off the emulator's internet.
+                pings.start_soon(partial(dialer.ping_report, "203.0.113.9", wait=1, count=3))
+                await t.emulator.wait_command("AT+QPING=")
+                started = trio.current_time()
+                with pytest.raises(ServiceError, match="busy"):
+                    await dialer.ping("127.0.0.1", wait=1, count=1)
+                waited = trio.current_time() - started
+                assert 0.9 <= waited < 2.0  # its own 1 s budget, not the other's 3 s
