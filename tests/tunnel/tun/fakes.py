@@ -62,19 +62,45 @@ class HostUdpFlow:
 class HostUplink:
     """Satisfies tunnel.uplink.Uplink. `down` makes every open wait a moment and fail with
     NETWORK_UNREACHABLE, as the modem dialer does while the network is down; `gate`, when set,
-    holds every TCP open until it is set (to see the application's SYN held)."""
+    holds every TCP open until it is set (to see the application's SYN held). `pending` counts
+    the TCP opens under way (`max_pending` the most at once, `cancelled` those cancelled), as the
+    modem's connectIDs would; `wait_changed()` returns when one starts or ends."""
 
     def __init__(self, *, ttl: int = 300) -> None:
         self.ttl = ttl
         self.down = False
         self.gate: trio.Event | None = None
         self.dialing = trio.Event()  # set when an open_tcp starts
+        self.pending = 0
+        self.max_pending = 0
+        self.cancelled = 0
+        self._changed = trio.Event()
         self.tcp_opens: list[tuple[str, int]] = []
         self.resolves: list[str] = []
         self.udp_flows: list[HostUdpFlow] = []
         self.pings: list[str] = []
 
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
     async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        self.pending += 1
+        self.max_pending = max(self.max_pending, self.pending)
+        self._touch()
+        try:
+            return await self._open_tcp(host, port)
+        except trio.Cancelled:
+            self.cancelled += 1
+            raise
+        finally:
+            self.pending -= 1
+            self._touch()
+
+    async def _open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
         self.tcp_opens.append((host, port))
         self.dialing.set()
         if self.gate is not None:

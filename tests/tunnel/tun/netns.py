@@ -93,3 +93,27 @@ def link_exists(name: str, netns: str) -> bool:
         return True
     assert "does not exist" in done.stderr, done.stderr
     return False
+
+
+LAN_HOST = "192.168.77.2"
+LAN_ROUTER = "192.168.77.1"
+
+
+@contextlib.contextmanager
+def lan_behind(router: str) -> Iterator[str]:
+    """A "LAN" namespace whose host (LAN_HOST) routes everything through `router` over a veth
+    pair; `router` forwards (ip_forward=1), as a home router does. Deleted on exit."""
+    with namespace() as name:
+        for args, where in (
+            (("link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", name), router),
+            (("addr", "add", f"{LAN_ROUTER}/24", "dev", "va"), router),
+            (("link", "set", "va", "up"), router),
+            (("addr", "add", f"{LAN_HOST}/24", "dev", "vb"), name),
+            (("link", "set", "vb", "up"), name),
+            (("route", "add", "default", "via", LAN_ROUTER), name),
+        ):
+            done = ip(*args, netns=where)
+            assert done.returncode == 0, done.stderr
+        sysctl = ["ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1"]
+        subprocess.run(sysctl, check=True)
+        yield name
