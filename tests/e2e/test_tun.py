@@ -6,6 +6,7 @@ routing alone (198.18.0.0/15 goes to uc0; the emulator maps it back onto 127.0.0
 """
 
 import contextlib
+import json
 import random
 import re
 import signal
@@ -22,7 +23,8 @@ import pytest
 import trio
 
 from tests.helpers import LogReader, echo_handler, http_handler, receive_all, serve_tcp
-from tests.tunnel.tun.netns import entered, ip, link_exists, namespace
+from tests.tunnel.tun.netns import LAN_HOST, entered, ip, lan_behind, link_exists, namespace
+from tests.tunnel.tun.raw import Injector
 from tunnel.tun.packet import checksum
 from tunnel.tun.settings import DEFAULT_PEER
 
@@ -212,3 +214,73 @@ async def test_udp_echo_and_ping_through_the_interface(
                     break
         assert reply[28:] == b"uc20 ping"
         await running.stop()
+
+
+async def tun_status(tmp_path: Path) -> dict[str, Any]:
+    done = await trio.run_process(
+        [BIN, "status", "--json", "--control", str(tmp_path / "control.sock")],
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+    status: dict[str, Any] = json.loads(done.stdout)["tun"]
+    return status
+
+
+async def test_spoofed_syns_hold_no_connection(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Twelve SYNs from an unroutable source used to hold all twelve connectIDs for 75 s: now
+    they are refused at the interface, and this host's own curl right after goes through."""
+    port = await serve_in(netns, nursery, serve_tcp, http_handler({"ok": b"still served"}))
+    async with daemon(netns, tmp_path) as running:
+        with entered(netns):
+            inject = Injector()
+        with inject:
+            for n in range(12):
+                inject.syn("203.0.113.7", 40000 + n, dport=port)
+        out = tmp_path / "ok"
+        with trio.fail_after(30):
+            await running.log.wait_for(
+                r"tun packet refused reason=foreign-source src=203\.0\.113\.7"
+            )
+            done = await curl(netns, f"http://{TEST_ADDRESS}:{port}/ok", out)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == b"still served"
+        status = await tun_status(tmp_path)
+        assert status["refused"]["foreign-source"] == 12
+        assert (status["tcp_opened"], status["half_open"]) == (1, 0)
+        await running.stop()
+
+
+async def test_lan_behind_a_forwarding_host_is_not_served(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """ip_forward=1 and a LAN host routing through us: its HTTP must not reach the modem."""
+    port = await serve_in(netns, nursery, serve_tcp, http_handler({"f": b"not for the LAN"}))
+    with lan_behind(netns) as lan:
+        async with daemon(netns, tmp_path) as running:
+            command = ["ip", "netns", "exec", lan, "curl", "-sS", "--noproxy", "*"]
+            url = f"http://{TEST_ADDRESS}:{port}/f"
+            finished: list[subprocess.CompletedProcess[bytes]] = []
+
+            async def lan_curl() -> None:
+                finished.append(
+                    await trio.run_process(
+                        [*command, "--connect-timeout", "60", "-o", "/dev/null", url],
+                        check=False,
+                        capture_stderr=True,
+                        env=NO_PROXY_ENV,
+                    )
+                )
+
+            with trio.fail_after(30):
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(lan_curl)
+                    pattern = rf"tun packet refused reason=foreign-source src={LAN_HOST} "
+                    await running.log.wait_for(pattern)
+                    inner.cancel_scope.cancel()  # still waiting for a SYN-ACK: kill it
+            assert finished == []
+            status = await tun_status(tmp_path)
+            assert status["refused"]["foreign-source"] >= 1
+            assert status["tcp_opened"] == 0
+            await running.stop()
