@@ -58,8 +58,8 @@ class SourceFilter:
             gone, new = self.own - addresses, addresses - self.own
             self.own = addresses
             log.info(
-                "tun local addresses now=%s added=%s removed=%s",
-                _show(addresses),
+                "tun local addresses count=%d added=%s removed=%s",
+                len(addresses),
                 _show(new),
                 _show(gone),
             )
@@ -71,8 +71,10 @@ class SourceFilter:
         await self._changed.wait()
 
 
-def _show(addresses: Iterable[bytes]) -> str:
-    return ",".join(sorted(str(ipaddress.IPv4Address(a)) for a in addresses)) or "none"
+def _show(addresses: Iterable[bytes], most: int = 8) -> str:
+    shown = sorted(ipaddress.IPv4Address(a) for a in addresses)
+    text = ",".join(map(str, shown[:most])) or "none"
+    return text + (f",+{len(shown) - most}" if len(shown) > most else "")
 
 
 def local_addresses(ipr: IPRoute) -> frozenset[bytes]:
@@ -113,9 +115,15 @@ class AddressWatcher:
         self.sources.set_own(addresses)
 
     async def run(self) -> None:
+        """Follow changes until cancelled. A notification socket that fails for good ends the
+        following, not the interface: the last set stays, and the log says so."""
         while True:
             await trio.lowlevel.wait_readable(self._bell)
-            self._drain()
+            try:
+                self._drain()
+            except OSError as exc:
+                log.warning("tun local addresses no longer followed reason=%s", exc)
+                return
             self.refresh()
 
     def _drain(self) -> None:

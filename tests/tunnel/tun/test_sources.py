@@ -2,6 +2,7 @@
 
 import logging
 import socket
+import subprocess
 
 import pytest
 import trio
@@ -71,3 +72,23 @@ async def test_packets_from_other_sources_are_dropped_counted_and_logged_once(
         "tun packet refused reason=foreign-source src=192.168.50.1 dst=198.18.0.1 proto=6"
         " hint=tun_allow"
     ]
+
+
+async def test_lost_notifications_are_covered_by_the_next_dump(
+    front: TunFront, netns: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """2,000 addresses added while the front cannot read (this thread is blocked in `ip`):
+    the notification socket overflows (ENOBUFS), and the dump after it still has them all."""
+    caplog.set_level(logging.DEBUG, logger="tunnel.tun.sources")
+    batch = "".join(f"addr add 10.77.{n // 250}.{n % 250 + 1}/32 dev lo\n" for n in range(2000))
+    # Blocking on purpose: nothing reads the notifications meanwhile.
+    done = subprocess.run(  # noqa: ASYNC221
+        ["ip", "-n", netns, "-batch", "-"], input=batch, text=True, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    last = socket.inet_aton("10.77.7.250")
+    with trio.fail_after(10):
+        while not front.sources.permits(last):
+            await front.sources.wait_changed()
+    assert sum(1 for address in front.sources.own if address.startswith(b"\x0a\x4d")) == 2000
+    assert "tun address notifications overflowed" in caplog.text
