@@ -8,6 +8,7 @@ import hashlib
 import ipaddress
 import random
 import re
+import socket
 import struct
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -117,10 +118,24 @@ def http_handler(files: Mapping[str, bytes]) -> Callable[[trio.SocketStream], Aw
 
 
 async def socks_connect(
-    proxy_port: int, host: str, port: int, *, proxy_host: str = LOOPBACK
+    proxy_port: int,
+    host: str,
+    port: int,
+    *,
+    proxy_host: str = LOOPBACK,
+    receive_buffer: int | None = None,
 ) -> tuple[trio.SocketStream, int]:
-    """SOCKS5 CONNECT with no auth; returns the stream and the reply code."""
-    stream = await trio.open_tcp_stream(proxy_host, proxy_port)
+    """SOCKS5 CONNECT with no auth; returns the stream and the reply code.
+
+    `receive_buffer`: the client socket's SO_RCVBUF, set before connecting (a small one keeps
+    the kernel from absorbing what a stalled client leaves unread)."""
+    if receive_buffer is None:
+        stream = await trio.open_tcp_stream(proxy_host, proxy_port)
+    else:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        await sock.connect((proxy_host, proxy_port))
+        stream = trio.SocketStream(sock)
     await stream.send_all(b"\x05\x01\x00")
     assert await receive_exactly(stream, 2) == b"\x05\x00"
     try:

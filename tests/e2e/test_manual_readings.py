@@ -1,9 +1,10 @@
 """The daemon against each reading of the manual where it is loose (DESIGN.md, issue 3).
 
 Other UC20 implementations may answer failures as `+CME ERROR: <n>` (numeric or text) instead of
-a bare ERROR, end push frames without the trailing CRLF, or refuse AT+QIOPEN at once with ERROR
-instead of OK then `+QIOPEN: <id>,<err>`. The emulator plays each reading; the same flows must
-come out byte-exact, with the same SOCKS reply codes.
+a bare ERROR, end push frames without the trailing CRLF, refuse AT+QIOPEN at once with ERROR
+instead of OK then `+QIOPEN: <id>,<err>`, or treat held data differently on AT+QISWTMD (see
+test_stalls.py). The emulator plays each reading; the same flows must come out byte-exact, with
+the same SOCKS reply codes.
 """
 
 import socket
@@ -36,8 +37,10 @@ READINGS = [
     pytest.param(["cmee:2"], id="cme-text"),
     pytest.param(["push-no-crlf"], id="push-without-crlf"),
     pytest.param(["open-error-immediate"], id="qiopen-error-at-once"),
+    pytest.param(["swtmd-held:gradual"], id="switch-drains-held-data-gradually"),
     pytest.param(["swtmd-held:keep"], id="switch-keeps-held-data-newer-pushed"),
     pytest.param(["swtmd-held:queue"], id="switch-keeps-held-data-newer-queued"),
+    pytest.param(["qird-push:error"], id="qird-refused-in-push-mode"),
     pytest.param(
         ["cmee:2", "push-no-crlf", "open-error-immediate", "swtmd-held:keep"], id="all-at-once"
     ),

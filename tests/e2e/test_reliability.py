@@ -24,7 +24,6 @@ from tests.helpers import (
 from tunnel.config import Settings
 from tunnel.daemon import Daemon
 from tunnel.emulator import Emulator, serve_pty
-from tunnel.stream import ModemSocket
 
 MiB = 1024 * 1024
 SUCCEEDED = 0
@@ -174,41 +173,6 @@ async def test_send_fail_storm_loses_and_duplicates_nothing(nursery) -> None:
             await stream.aclose()
     assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
     assert t.emulator.faults.send_fail_left == 0
-
-
-# What AT+QISWTMD=<id>,1 does with data the modem holds is not in the manual (2.9): the flow
-# must come out exact whether it pushes that data first, keeps it for AT+QIRD while pushing
-# newer data, or keeps it and queues newer data behind it.
-@pytest.mark.parametrize("held", ["flush", "keep", "queue"])
-async def test_stalled_reader_is_bounded_and_does_not_slow_others(nursery, held: str) -> None:
-    stalled_data = blob(20 * MiB, 4)
-    other = blob(5 * MiB, 5)
-    http_port = await nursery.start(serve_tcp, http_handler({"stall": stalled_data, "o": other}))
-    emulator = Emulator(faults=[f"swtmd-held:{held}"])
-    async with start_tunnel(nursery, emulator, flow_buffer=128 * 1024) as t:
-        with trio.fail_after(120):
-            slow, slow_body = await http_get(t.socks_port, http_port, "stall")
-            slow_body = await read_until(slow, slow_body, 256 * 1024)
-            # The slow client stops reading; the modem must be told to hold the data.
-            await t.emulator.wait_command("AT+QISWTMD=")
-            fast, body = await http_get(t.socks_port, http_port, "o")
-            assert await read_until(fast, body, len(other)) == other
-            await fast.aclose()
-            pool = t.daemon.pool
-            assert pool is not None
-            held = sum(
-                owner.rx.buffered for _, owner in pool.owners() if isinstance(owner, ModemSocket)
-            )
-            assert held < 1 * MiB, f"daemon buffers {held} bytes for a stalled client"
-            # The client wakes up: every byte arrives, in order, through QIRD and back to push.
-            rest = await read_until(slow, slow_body, len(stalled_data))
-            await slow.aclose()
-    assert rest == stalled_data
-    commands = t.emulator.stats.commands
-    # Paused once and read out with AT+QIRD; never switched back to push (tunnel/receive.py).
-    assert sum(c.startswith("AT+QISWTMD=") and c.endswith(",0") for c in commands) == 1
-    assert not any(c.startswith("AT+QISWTMD=") and c.endswith(",1") for c in commands)
-    assert any(c.startswith("AT+QIRD=") for c in commands)
 
 
 async def stall_while_the_modem_holds(t: Tunnel, port: int) -> tuple[trio.SocketStream, bytes, int]:

@@ -135,6 +135,20 @@ class Emulator:
                 return seen[count - 1]
             await self._changed.wait()
 
+    def note_full(self) -> None:
+        """A connectID's receive buffer just filled up (the modem holds all it will)."""
+        self._notify()
+
+    async def wait_held(self, connect_id: int, at_least: int) -> None:
+        """Wait until connectID `connect_id` holds at least `at_least` unread bytes (buffer
+        access mode, or a reading that keeps held data), up to its whole receive buffer."""
+        while True:
+            session = self.session
+            conn = session.conns.get(connect_id) if session is not None else None
+            if conn is not None and conn.rx_buffered >= at_least:
+                return
+            await self._changed.wait()
+
     async def wait_booted(self, count: int = 1) -> None:
         """Wait until the boot sequence (RDY ...) has been sent `count` times in total."""
         while self.stats.boots < count:

@@ -98,6 +98,8 @@ def deliver(s: Session, conn: Conn, data: bytes, ip: str = "", port: int = 0) ->
     if conn.access == ACCESS_BUFFER and not conn.notified:
         conn.notified = True
         s.urc(f'+QIURC: "recv",{conn.connect_id}')
+    if conn.rx_buffered >= RX_LIMIT:
+        s.emu.note_full()  # observers (Emulator.wait_held) may look now
 
 
 def push_held(s: Session, conn: Conn) -> int:
