@@ -71,6 +71,12 @@ class Settings:
     socks_users: Mapping[str, str] = field(default_factory=dict)
     socks_users_file: str = ""  # where `socks_users` were read from, if a file
     allow: tuple[str, ...] = ()  # client networks (CIDR); empty: everyone who can connect
+    # The SOCKS front's limits (proxy.serve_socks5): 0 connections = the open-file limit - 128.
+    socks_max_connections: int = 0
+    socks_handshake_timeout: float = 10.0
+    socks_auth_failures: int = 5
+    socks_auth_pause: float = 10.0
+    socks_udp_require_port: bool = False
     dns: tuple[str, ...] = ()  # AT+QIDNSCFG primary, secondary; empty: the network's
     connect_wait: float = 5.0
     # Unread bytes a TCP flow may buffer before the modem is asked to hold the rest (buffer
@@ -94,6 +100,11 @@ class Settings:
     tun_dns: bool = True
     tun_udp_flows: int = 4
     tun_udp_idle: float = 60.0
+    tun_allow: tuple[str, ...] = ()  # other hosts' networks the interface serves (forwarding)
+    tun_half_open_per_source: int = 4
+    tun_half_open_max: int = 64
+    tun_half_open_timeout: float = 10.0
+    tun_open_timeout: float = 30.0
     control: str = field(default_factory=default_control_path)
     log_level: str = "info"
     reset_command: str = ""
@@ -294,6 +305,11 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "socks_users": _users,
     "socks_users_file": _path,
     "allow": _routes,
+    "socks_max_connections": _int_in(0, 1_000_000),
+    "socks_handshake_timeout": _positive,
+    "socks_auth_failures": _int_in(1, 1000),
+    "socks_auth_pause": _seconds_or_auto,
+    "socks_udp_require_port": _bool,
     "dns": _dns,
     "connect_wait": _positive,
     "flow_buffer": _int_in(16 * 1024, 64 * 1024 * 1024),
@@ -309,6 +325,11 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "tun_dns": _bool,
     "tun_udp_flows": _int_in(1, 11),
     "tun_udp_idle": _positive,
+    "tun_allow": _tun_routes,
+    "tun_half_open_per_source": _int_in(1, 64),
+    "tun_half_open_max": _int_in(1, 4096),
+    "tun_half_open_timeout": _positive,
+    "tun_open_timeout": _positive,
     "control": _device,
     "log_level": _choice(*LOG_LEVELS),
     "reset_command": _str,
@@ -421,6 +442,8 @@ def build(
         except ConfigError as exc:
             raise ConfigError(f"{flag}: {exc}") from None
     settings = replace(settings, **merged)
+    if settings.tun_half_open_per_source > settings.tun_half_open_max:
+        raise ConfigError("tun_half_open_per_source: must not exceed tun_half_open_max")
     if settings.tun_address == settings.tun_peer:
         raise ConfigError("tun_peer: must differ from tun_address")
     if settings.username and settings.auth == "none":

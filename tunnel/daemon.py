@@ -438,6 +438,11 @@ async def _serve_proxy(
         list(s.socks),
         users=dict(s.socks_users) or None,
         allow=allow,
+        handshake_timeout=s.socks_handshake_timeout,
+        max_connections=s.socks_max_connections or None,
+        auth_failures=s.socks_auth_failures,
+        auth_pause=s.socks_auth_pause,
+        udp_require_port=s.socks_udp_require_port,
         task_status=task_status,
     )
 

@@ -295,3 +295,26 @@ def test_default_control_path_for_root_and_for_a_user() -> None:
     # A client looks at its own first, then at the system daemon's.
     assert config.control_candidates(runtime, euid=1000) == [user, SYSTEM_CONTROL]
     assert config.control_candidates(runtime, euid=0) == [SYSTEM_CONTROL]
+
+
+def test_front_limits_reach_the_fronts(tmp_path) -> None:
+    from tunnel.tun.settings import TunSettings
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'tun = "uc0"\ntun_allow = ["192.168.1.0/24"]\ntun_half_open_per_source = 2\n'
+        "tun_half_open_max = 8\ntun_open_timeout = 5\nsocks_auth_failures = 3\n"
+        "socks_udp_require_port = true\nsocks_max_connections = 100\n"
+    )
+    s = config.build(config.load(path), {})
+    tun = TunSettings.from_settings(s)
+    assert tun.allow == ("192.168.1.0/24",)
+    assert (tun.half_open_per_source, tun.half_open_max, tun.open_timeout) == (2, 8, 5.0)
+    assert (s.socks_auth_failures, s.socks_udp_require_port, s.socks_max_connections) == (
+        3,
+        True,
+        100,
+    )
+    path.write_text("tun_half_open_per_source = 9\ntun_half_open_max = 8\n")
+    with pytest.raises(config.ConfigError, match="tun_half_open_per_source"):
+        config.build(config.load(path), {})
