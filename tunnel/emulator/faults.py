@@ -34,7 +34,10 @@ FAULT_SPECS: Final = (
     "until AT+QIRD has emptied the queue. qird-push:MODE, what AT+QIRD does on a socket in "
     "push mode: data = reads what the socket holds (the default); empty = every read answers "
     "+QIRD: 0 (AT+QIRD=<id>,0 still gives the counts); error = ERROR, AT+QIGETERROR 566, for "
-    "both forms. Timed events, S seconds after "
+    'both forms. closed-send:MODE, what AT+QISEND does on a TCP socket after its "closed" URC '
+    "(2.16.1 says only that it is 'closing'): error = ERROR 555 (the default); accept = the "
+    "far end only half-closed (TCP CLOSE_WAIT): data is still sent until the host socket "
+    "breaks. Timed events, S seconds after "
     "the emulator starts: pdpdeact-after:S[:CTX] (the network drops context CTX, default 1), "
     "hang-after:S[:cfun] (stop answering; with :cfun only AT+CFUN=1,1 is still obeyed), "
     "reboot-after:S[:SILENCE] (brownout: the output stops at the byte being written, even "
@@ -47,6 +50,7 @@ SIM_STATES: Final = ("ready", "pin", "puk", "absent")
 SWTMD_HELD: Final = ("atomic", "gradual", "keep", "queue")
 SWTMD_ALIASES: Final = {"flush": "atomic"}  # its first name, before gradual existed
 QIRD_PUSH: Final = ("data", "empty", "error")
+CLOSED_SEND: Final = ("error", "accept")
 # A UC20 whose supply sagged is silent for about this long before RDY.
 BROWNOUT_SILENCE: Final = 2.0
 # What garbage-every writes: not a valid line, but never a fake prompt or URC either.
@@ -107,6 +111,7 @@ class FaultControl:
         self.open_error_immediate = False
         self._swtmd_held = "atomic"
         self._qird_push = "data"
+        self.closed_send = "error"  # see CLOSED_SEND and FAULT_SPECS
         self.frame_cut: FrameCut | None = None
         self.send_fail_left = 0
         self.qiact_fail_left = 0
@@ -263,7 +268,7 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
     flags = {"push-no-crlf", "open-error-immediate", "no-sim"}
     one_arg = {"cmee", "sim-pin", "searching", "qiact-fail", "send-fail", "boot-delay",
                "open-delay", "qiact-delay", "garbage-every", "swtmd-held",
-               "qird-push"}  # fmt: skip
+               "qird-push", "closed-send"}  # fmt: skip
     if name in flags and args:
         raise ValueError(f"fault {spec!r}: takes no argument")
     if name in one_arg and len(args) != 1:
@@ -282,6 +287,10 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
         if SWTMD_ALIASES.get(args[0], args[0]) not in SWTMD_HELD:
             raise ValueError(f"fault {spec!r}: swtmd-held is one of {', '.join(SWTMD_HELD)}")
         faults.swtmd_held = args[0]
+    elif name == "closed-send":
+        if args[0] not in CLOSED_SEND:
+            raise ValueError(f"fault {spec!r}: closed-send is one of {', '.join(CLOSED_SEND)}")
+        faults.closed_send = args[0]
     elif name == "qird-push":
         if args[0] not in QIRD_PUSH:
             raise ValueError(f"fault {spec!r}: qird-push is one of {', '.join(QIRD_PUSH)}")

@@ -258,5 +258,6 @@ async def _run_writer(s: Session, conn: Conn) -> None:
         await conn.run_writer()
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         log.debug("host socket write failed id=%d err=%s", conn.connect_id, exc)
+        conn.write_broken = True
         conn.tx.clear()
         s.remote_closed(conn)

@@ -97,6 +97,7 @@ class Conn:
         self._tx_empty = trio.Event()
         self._tx_empty.set()
         self.closed_reported = False
+        self.write_broken = False  # the host socket refused our data: nothing more goes out
         # UDP SERVICE: which address the host used for a host-side peer, so replies from
         # 127.0.0.1:<port> are reported as the address the host sent to.
         self.peer_names: dict[tuple[str, int], str] = {}

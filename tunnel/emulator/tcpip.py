@@ -223,11 +223,25 @@ async def on_qistate(s: Session, cmd: Command) -> Reply | None:
     return lines(qistate_line(conn)) if conn is not None else None
 
 
+def _can_send(s: Session, conn: Conn) -> bool:
+    """Connected; or, under closed-send:accept, a TCP socket whose far end only half-closed and
+    whose host socket still takes data (CLOSE_WAIT)."""
+    if conn.state == State.CONNECTED:
+        return True
+    return (
+        conn.state == State.CLOSING
+        and s.emu.faults.closed_send == "accept"
+        and conn.is_stream
+        and conn.stream is not None
+        and not conn.write_broken
+    )
+
+
 def _sendable(s: Session, connect_id: int) -> Conn:
     conn = s.conns.get(connect_id)
     if conn is None:
         raise CmdError(ErrorCode.SOCKET_ID_UNUSED)
-    if conn.state != State.CONNECTED:
+    if not _can_send(s, conn):
         raise CmdError(ErrorCode.CONNECTION_CLOSED)
     return conn
 
@@ -272,7 +286,7 @@ async def complete_send(s: Session, job: SendJob, cancelled: bool) -> None:
         s.last_error = ErrorCode.INVALID_PARAMETERS
         s.put(s.error_frame(ErrorCode.INVALID_PARAMETERS))
         return
-    if s.conns.get(conn.connect_id) is not conn or conn.state != State.CONNECTED:
+    if s.conns.get(conn.connect_id) is not conn or not _can_send(s, conn):
         s.last_error = ErrorCode.CONNECTION_CLOSED
         s.put(s.error_frame(ErrorCode.CONNECTION_CLOSED))
         return
