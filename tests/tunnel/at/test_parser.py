@@ -1,5 +1,7 @@
 """ATParser against recorded dialogues, fed whole, byte by byte and cut anywhere."""
 
+import enum
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -11,6 +13,7 @@ from tunnel.at.events import (
     Event,
     FinalError,
     FinalOK,
+    FrameCut,
     Incoming,
     IncomingFull,
     Info,
@@ -315,3 +318,62 @@ def test_buffer_is_compacted() -> None:
         assert p.next_event() == Recv(0, bytes(1000))
     assert p.buffered == 0
     assert len(p._buf) < 4 * len(frame)
+
+
+class FrameCutKind(enum.Enum):
+    PUSH = "push"
+    READ = "read"
+
+
+# --- a modem that reboots mid-frame (a brownout): silence, then the boot sequence -----------
+
+REBOOT = b"\r\nRDY\r\n\r\n+CFUN: 1\r\n\r\n+CPIN: READY\r\n\r\n+QIND: SMS DONE\r\n"
+FRAMES = [
+    (b'\r\n+QIURC: "recv",3,%d\r\n' % len(NASTY), NASTY, FrameCutKind.PUSH),
+    (b'\r\n+QIURC: "recv",4,%d,"10.7.76.34",7687\r\n' % len(NASTY), NASTY, FrameCutKind.PUSH),
+    (b"\r\n+QIRD: %d\r\n" % len(NASTY), NASTY, FrameCutKind.READ),
+]
+
+
+@given(
+    st.sampled_from(FRAMES),
+    st.integers(0, len(NASTY) - 1),
+    st.lists(st.integers(0, 200), max_size=6),
+    st.lists(st.integers(0, len(REBOOT)), max_size=6),
+)
+def test_a_frame_cut_anywhere_then_silence_then_boot_yields_frame_cut_then_ready(
+    frame, cut, cuts_before, cuts_after
+) -> None:
+    header, payload, kind = frame
+    p = ATParser()
+    if kind is FrameCutKind.READ:
+        p.command_sent(Expect(info=b"+QIRD:", read_data=True))
+    sent = header + payload[:cut]
+    events: list[Event] = []
+    for piece in split(sent, cuts_before):
+        p.receive_data(piece)
+        while (ev := p.next_event()) is not NEED_DATA:
+            events.append(ev)
+    assert events == []  # nothing of a frame is reported before it is whole
+    assert p.in_payload
+    p.silence()  # the I/O layer: no byte for longer than a frame may pause
+    while (ev := p.next_event()) is not NEED_DATA:
+        events.append(ev)
+    for piece in split(REBOOT, cuts_after):
+        p.receive_data(piece)
+        while (ev := p.next_event()) is not NEED_DATA:
+            events.append(ev)
+    connect_id = None if kind is FrameCutKind.READ else int(header.split(b",")[1])
+    assert events[0] == FrameCut(connect_id, len(payload), cut)
+    assert events[1] == Ready()
+    assert Urc(b"+CFUN: 1") in events
+    assert not any(isinstance(e, Recv | ReadData) for e in events)  # no cut byte as data
+
+
+def test_silence_between_items_means_nothing() -> None:
+    p = ATParser()
+    p.receive_data(b'\r\n+QIURC: "recv",1,3\r\nabc')
+    p.silence()
+    assert p.next_event() == Recv(1, b"abc")
+    p.silence()
+    assert p.next_event() is NEED_DATA
