@@ -5,6 +5,7 @@ test sleeps to let things settle.
 """
 
 import hashlib
+import logging
 import os
 import random
 
@@ -124,7 +125,7 @@ async def test_modem_initiated_rdy_fails_flows_and_reinitialises(nursery) -> Non
             assert reply == SUCCEEDED
             await stream.send_all(b"x")
             assert await receive_exactly(stream, 1) == b"x"
-            t.emulator.faults.reboot()
+            t.emulator.faults.reboot(silence=0.05)
             with pytest.raises(trio.BrokenResourceError):
                 await read_until(stream, b"", 1)
             await t.emulator.wait_command("ATE0", count=2)  # echo is back on after RDY
@@ -134,6 +135,53 @@ async def test_modem_initiated_rdy_fails_flows_and_reinitialises(nursery) -> Non
             assert await receive_exactly(stream2, 5) == b"again"
             await stream2.aclose()
             await stream.aclose()
+
+
+@pytest.mark.parametrize("baud", [None, 460800], ids=["unthrottled", "460800"])
+async def test_a_brownout_mid_frame_resets_the_client_and_the_modem_serves_again(
+    nursery, caplog, baud
+) -> None:
+    # Issue 17: the modem's output stops inside a push frame's payload, it is silent, then it
+    # boots. The parser must not take RDY and the boot lines as the cut frame's bytes.
+    caplog.set_level(logging.INFO)
+    payload = blob(20 * MiB, 21)
+    port = await nursery.start(serve_and_stay, payload)
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(nursery, Emulator(baud=baud), baud=baud) as t:
+        with trio.fail_after(60):
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", port)
+            assert reply == SUCCEEDED
+            got = await receive_exactly(stream, 32 * 1024)
+            t.emulator.faults.brownout_mid_frame(700, silence=1.0)
+            cut_at = trio.current_time()
+            with pytest.raises(trio.BrokenResourceError):  # a reset, never a clean EOF
+                while chunk := await stream.receive_some(65536):
+                    got += chunk
+            assert trio.current_time() - cut_at < 5
+            assert got == payload[: len(got)]  # nothing of the cut frame came through
+            await stream.aclose()
+            await t.emulator.wait_command("AT+QIACT=1", count=2)  # the context is back
+            again, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
+            assert reply == SUCCEEDED
+            await again.send_all(b"back")
+            assert await receive_exactly(again, 4) == b"back"
+            await again.aclose()
+    logs = caplog.text
+    assert "frame cut short: push frame" in logs
+    assert "modem restarted (RDY)" in logs
+
+
+async def test_dns_answers_stay_single_across_context_recoveries(nursery) -> None:
+    # Each recovery used to add the resolver's URC routes again: after three, every address
+    # came back four times.
+    async with start_tunnel(nursery) as t:
+        dialer = t.daemon.dialer
+        with trio.fail_after(60):
+            for n in range(3):
+                t.emulator.faults.pdpdeact(1)
+                await t.emulator.wait_command("AT+QIACT=1", count=n + 2)
+                answer = await dialer.resolve(f"after-{n}.test")
+                assert answer.addresses == ("198.18.0.1",)
 
 
 async def test_garbage_between_urcs_loses_no_byte(nursery) -> None:
