@@ -143,14 +143,17 @@ def tunnel(
     *,
     extra: tuple[str, ...] = (),
     emulator_command: list[str] | None = None,
+    config: str = "",
 ) -> Iterator[Tunnel]:
     """Standalone emulator process (paced at `baud`, None = unthrottled) + daemon process.
 
     `emulator_command` replaces `uc20-tunnel emulator --baud N`; "--link PATH" is appended. The
-    daemon gets an empty config and a private control socket: a benchmark never reads the system
-    daemon's settings nor takes its control path.
+    daemon gets a private config (`config`, TOML; empty by default) and a private control
+    socket: a benchmark never reads the system daemon's settings nor takes its control path.
     """
     tmp = Path(tempfile.mkdtemp(prefix="uc20-bench-"))
+    config_file = tmp / "config.toml"
+    config_file.write_text(config)
     link = tmp / "modem"
     log = tmp / "daemon.log"
     emu_args = emulator_command or [
@@ -178,7 +181,7 @@ def tunnel(
             "--socks",
             f"127.0.0.1:{port}",
             "--config",
-            "/dev/null",  # never a system config's users, allow list or device
+            str(config_file),  # never a system config's users, allow list or device
             "--control",
             str(tmp / "control.sock"),
             "--log-level",
@@ -304,15 +307,16 @@ class Download:
     def sha256(self) -> str:
         return str(self.digest.hexdigest())
 
-    def goodput(self, skip: float = 0.05) -> float:
+    def goodput(self, skip: float = 0.05, start: float | None = None) -> float:
         """Steady-state bytes/s: the slope of a least-squares line through (time, bytes received)
         of the reads from `skip` to 1 - `skip` of the body. Not (last - first) / time: the
         emulator hands bytes over in ~10 ms line chunks and the daemon forwards whole push
         frames, so two reads alone are off by up to a chunk (0.25% of a 4 s transfer); the fit
         averages that out. The ends are left out: the first reads can wake late (the server
-        thread holds the GIL as it starts answering) and the last frame is a short one."""
+        thread holds the GIL as it starts answering) and the last frame is a short one.
+        `start`: where the fit begins instead (a fraction of the body), when more must go."""
         n = self.totals[-1]
-        i = bisect.bisect_left(self.totals, skip * n)
+        i = bisect.bisect_left(self.totals, (skip if start is None else start) * n)
         j = bisect.bisect_right(self.totals, (1 - skip) * n)
         if j - i < 3:
             i, j = 0, len(self.totals)

@@ -28,6 +28,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +47,14 @@ from common import (
 )
 
 # One push frame: "\r\n+QIURC: \"recv\",<id>,1460\r\n" + 1460 bytes + "\r\n" (one-digit id).
+
+
+def stall_buffer(baud: int) -> int:
+    """after_stall's flow_buffer: small enough that the stall puts the flow in buffer mode, and
+    a read-ahead (half of it) deep enough not to idle the line once the client is back."""
+    return 16 * 1024 if baud < 460800 else 128 * 1024
+
+
 FRAMING_LIMIT = 1460 / (1460 + len(b'\r\n+QIURC: "recv",0,1460\r\n\r\n'))
 
 
@@ -67,6 +76,52 @@ def paced(baud: int, down: int, up: int, reps: int = 1) -> dict[str, list[float]
             out["down"].append(got.goodput() / rate)
             out["up"].append(sent.size / sent.seconds / rate)
     return out
+
+
+def after_stall(baud: int, size: int, reps: int = 1) -> list[float]:
+    """Goodput / line rate of a download after its client stalled: the daemon put the flow in
+    buffer access mode and reads the rest with AT+QIRD, 1500 bytes per command (receive.py).
+
+    A small flow_buffer makes the stall take effect at once; the client reads 16 KiB, stops
+    until the daemon logs the pause and the modem has had time to fill its buffer, then reads
+    the rest, timed as in `paced` (a least-squares slope; see below for where it starts)."""
+    rate = baud / 10
+    # More than the path can hold for a stalled client (socket buffers, the daemon's flow
+    # buffer, the modem's), or the stall changes nothing.
+    size = max(size, 256 * 1024)
+    blob = random.Random(4).randbytes(size)
+    out = []
+    with (
+        http_server({"blob": blob}) as port,
+        tunnel(baud, config=f"flow_buffer = {stall_buffer(baud)}\n") as t,
+    ):
+        for rep in range(reps):
+            with socks_open(t.socks_port, "127.0.0.1", port) as sock:
+                got = http_get(sock, "files.test", "blob", stop_after=16 * 1024)
+                wait_log(t.log, "reason=client-stalled", rep + 1)
+                time.sleep(1.0)  # the stall: the modem fills its buffer, TCP pushes back
+                before = len(got.totals)
+                got.read(sock)
+            verify(got.sha256 == sha256(blob), "download after a stall")
+            out.append(steady_rate(got.times[before:], got.totals[before:]) / rate)
+    return out
+
+
+def steady_rate(times: list[float], totals: list[int]) -> float:
+    """Bytes/s over the last 65% of the time (up to 95%): what the buffers held when the client
+    came back arrives faster than the line, and only at first; the rest came through AT+QIRD."""
+    t0, t1 = times[0], times[-1]
+    lo, hi = t0 + 0.3 * (t1 - t0), t0 + 0.95 * (t1 - t0)
+    pts = [(t, n) for t, n in zip(times, totals, strict=True) if lo <= t <= hi]
+    return statistics.linear_regression([t for t, _ in pts], [n for _, n in pts]).slope
+
+
+def wait_log(log: Path, text: str, count: int, limit: float = 30) -> None:
+    deadline = time.monotonic() + limit
+    while log.read_text(errors="replace").count(text) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"daemon never logged {text!r}")
+        time.sleep(0.05)
 
 
 def best(xs: list[float]) -> str:
@@ -143,6 +198,10 @@ def main() -> None:
     for baud in args.baud or [921600]:
         r = paced(baud, *sizes(baud, args), args.paced_reps)
         print(f"baud {baud}: download goodput/line rate {best(r['down'])}, upload {best(r['up'])}")
+        n = sizes(baud, args)[0]
+        print(
+            f"baud {baud}: after a stall (QIRD path) {best(after_stall(baud, n, args.paced_reps))}"
+        )
     u = unthrottled(int(args.fast_mib * MiB), int(args.fast_up_mib * MiB), args.reps)
     print(
         f"unthrottled download: {u['down_mbs']:.2f} MB/s, daemon {u['down_cpu']:.4f} CPU-s/MB "

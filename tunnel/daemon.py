@@ -363,8 +363,11 @@ class Daemon:
             await self._read_signal(modem)
 
     async def _read_signal(self, modem: Modem) -> None:
+        # Part of the probe: bounded like it, so a modem that hangs right here is found as soon
+        # as one that hangs during AT+QIACT? (not after the default 60 s).
+        csq = with_timeout(at.csq(), self.settings.probe_timeout, hang_signal=True)
         try:
-            rssi, _ber = at.parse_csq((await modem.command(at.csq())).lines)
+            rssi, _ber = at.parse_csq((await modem.command(csq)).lines)
         except (CommandError, ValueError):
             return
         # +CSQ <rssi> 0-31 is -113..-51 dBm, 99 unknown (3GPP 27.007)

@@ -124,10 +124,19 @@ class Response:
     remote: tuple[str, int] | None = None
 
 
-class _Pending:
-    __slots__ = ("command", "data", "done", "final", "prompt", "response", "written")
+# After each answer of a chain: the next command, or None to end it (see Modem.chain).
+Follow = Callable[[Response], Command | None]
 
-    def __init__(self, command: Command, data: bytes | None = None) -> None:
+
+class _Pending:
+    __slots__ = (
+        "command", "data", "done", "final", "follow", "next", "prompt", "response", "unwritten",
+        "written",
+    )  # fmt: skip
+
+    def __init__(
+        self, command: Command, data: bytes | None = None, follow: Follow | None = None
+    ) -> None:
         self.command = command
         self.data = data  # QISEND payload, written when the prompt comes
         self.written = 0
@@ -135,6 +144,9 @@ class _Pending:
         self.final: Event | ModemError | None = None
         self.prompt = False
         self.done = trio.Event()
+        self.follow = follow
+        self.next: Command | None = None  # what `follow` asked for after this one's OK
+        self.unwritten = b""  # a chained command line the reader could not write whole
 
 
 @dataclass
@@ -159,6 +171,7 @@ class Modem:
         self._parser = ATParser()
         self._lock = trio.Lock()
         self._pending: _Pending | None = None
+        self._limit: trio.CancelScope | None = None  # the command in flight's deadline
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
         self._answers: set[Answer[Any]] = set()  # chats waiting for their URCs
         self._gone: ModemGone | None = None
@@ -256,6 +269,29 @@ class Modem:
             self._lock.release()
         return self._result(pending)
 
+    async def chain(self, first: Command, follow: Follow) -> None:
+        """Run `first`, then each command `follow` returns after the previous one's OK, until it
+        returns None. `follow(response)` runs in the serial reader (it must not block) once per
+        OK'd command, in order.
+
+        The point is the turnaround: while nobody else waits for the command lock, the reader
+        writes the next command line the moment the previous OK arrives, without waking this
+        task (the manual's one command in flight still holds: the OK came first). When another
+        task waits, the lock is released between commands, so a chain never holds others up.
+        Raises as `command` does for the command that failed; the chain ends there.
+        """
+        cmd: Command | None = first
+        while cmd is not None:
+            await self._acquire()
+            try:
+                with trio.CancelScope(shield=True):
+                    pending = await self._exchange(cmd, follow=follow)
+                    await self._explain_error(pending)
+            finally:
+                self._lock.release()
+            self._result(pending)  # raises for an error
+            cmd = pending.next
+
     async def send_data(
         self, connect_id: int, data: bytes, remote: tuple[str, int] | None = None
     ) -> None:
@@ -295,7 +331,11 @@ class Modem:
             code, text = await self._last_error(cmd)
             raise CommandError(cmd.name, code, text)
 
-    async def _exchange(self, cmd: Command, data: bytes | None = None) -> _Pending:
+    async def _exchange(
+        self, cmd: Command, data: bytes | None = None, follow: Follow | None = None
+    ) -> _Pending:
+        """Write `cmd` and wait for its final result; with `follow`, the reader may chain
+        further commands (see `chain`): the last one's pending is returned."""
         if self._gone is not None or (cmd.hang_signal and self.unresponsive.is_set()):
             # Failing without touching the modem must still yield (`_acquire` may not have):
             # a caller retrying in a loop would otherwise starve every other task.
@@ -305,13 +345,15 @@ class Modem:
             # Known hung: fail at once instead of another full timeout; only the supervisor's
             # own commands (reboot, probes: hang_signal=False) still go to the modem.
             raise CommandTimeout(cmd.name, 0)
-        pending = _Pending(cmd, data)
+        pending = _Pending(cmd, data, follow)
         self._pending = pending
         self._parser.command_sent(cmd.expect)
         self.stats.commands += 1
         log.debug("at > %s", cmd)
         try:
-            with trio.fail_after(cmd.timeout):
+            # The reader moves this deadline when it chains the next command.
+            with trio.CancelScope(deadline=trio.current_time() + cmd.timeout) as limit:
+                self._limit = limit
                 await self._write(cmd.line + b"\r")
                 await pending.done.wait()
                 if data is not None and pending.prompt and pending.final is None:
@@ -321,16 +363,27 @@ class Modem:
                     log.debug("at > data len=%d", len(data))
                     if pending.final is None:
                         await pending.done.wait()
+                while (current := self._pending) is not None and current.unwritten:
+                    # A chained line the tty did not take whole: the rest goes from here.
+                    current.done = trio.Event()
+                    rest, current.unwritten = current.unwritten, b""
+                    await self._write(rest)
+                    await current.done.wait()
+            if limit.cancelled_caught:
+                raise trio.TooSlowError
         except trio.TooSlowError:
+            timed_out = (self._pending or pending).command
             self.stats.timeouts += 1
-            if cmd.hang_signal:
-                log.warning("command timeout cmd=%s limit=%gs", cmd.name, cmd.timeout)
+            if timed_out.hang_signal:
+                log.warning("command timeout cmd=%s limit=%gs", timed_out.name, timed_out.timeout)
                 self.unresponsive.set()
-            raise CommandTimeout(cmd.name, cmd.timeout) from None
+            raise CommandTimeout(timed_out.name, timed_out.timeout) from None
         finally:
+            last = self._pending or pending
             self._pending = None
+            self._limit = None
             self._parser.command_ended()
-        return pending
+        return last
 
     async def _write(self, data: bytes) -> None:
         # Hot path (two writes per 1460-byte QISEND): on a tty, try one non-blocking write
@@ -462,8 +515,47 @@ class Modem:
             log.debug("stray final result event=%s", event)
             return
         pending.final = event
-        pending.done.set()
         self.last_answer = trio.current_time()
+        if pending.follow is not None and type(event) is FinalOK:
+            try:
+                pending.next = pending.follow(pending.response)
+            except Exception:
+                # A bug in the owner's callback must not take the serial reader down.
+                log.exception("chain follow-up failed cmd=%s", pending.command.name)
+                pending.next = None
+            if pending.next is not None and self._chain_next(pending, pending.next):
+                return  # the caller sleeps on: its chain goes on
+        pending.done.set()
+
+    def _chain_next(self, pending: _Pending, cmd: Command) -> bool:
+        """Write `cmd` from the reader as the next command of `pending`'s chain, when that is
+        fair (nobody else waits for the lock) and possible (a tty that takes the line now)."""
+        if (
+            self._fd < 0
+            or self._lock.statistics().tasks_waiting
+            or self._limit is None
+            or (cmd.hang_signal and self.unresponsive.is_set())
+        ):
+            return False
+        line = cmd.line + b"\r"
+        try:
+            written = os.write(self._fd, line)
+        except OSError:
+            return False  # the caller writes it (and sees the error) instead
+        nxt = _Pending(cmd, None, pending.follow)
+        nxt.done = pending.done
+        nxt.unwritten = line[written:]
+        pending.next = None  # taken over by the chain
+        self._pending = nxt
+        self._parser.command_ended()
+        self._parser.command_sent(cmd.expect)
+        self._limit.deadline = trio.current_time() + cmd.timeout
+        self.stats.commands += 1
+        self.stats.bytes_out += written
+        if nxt.unwritten:
+            pending.done.set()  # wake the caller to write the rest
+        log.debug("at > %s (chained)", cmd)
+        return True
 
     def _on_prompt(self, event: Prompt) -> None:
         pending = self._pending

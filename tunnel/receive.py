@@ -247,6 +247,14 @@ class Receiver:
             self._in_flight = Command.READ
         return self._in_flight
 
+    def next_read(self) -> bool:
+        """next_command() restricted to a read: True (READ now in flight) when one is due."""
+        if self._in_flight is None and self.state in READ_DUE and self.buffered < self.read_mark:
+            self._fire(Ev.READ_SENT)
+            self._in_flight = Command.READ
+            return True
+        return False
+
     def switch_done(self, ok: bool) -> Wake:
         """The answer to AT+QISWTMD=<id>,0."""
         self._expect(Command.SWITCH_TO_BUFFER)

@@ -20,6 +20,7 @@ import trio
 from .at import commands as at
 from .at.constants import ACCESS_BUFFER, ACCESS_PUSH, MAX_SEND_LEN
 from .at.errors import CommandError, ModemError, SendBufferFull
+from .modem import Response
 from .receive import Command, Failed, Receiver, RxState, Wake
 
 if TYPE_CHECKING:
@@ -192,15 +193,25 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             except ModemError as exc:
                 self._failure = self._failure or f"switch to buffer mode failed: {exc}"
                 return self.rx.switch_done(False) | self.rx.fail(self._failure)
-            log.debug("flow paused (buffer mode) id=%d buffered=%d", cid, self.rx.buffered)
+            # Once per flow at most (it never switches back): a client cannot flood the log.
+            log.info("flow paused id=%d buffered=%d reason=client-stalled mode=buffer", cid,
+                     self.rx.buffered)  # fmt: skip
             return self.rx.switch_done(True)
+        # Reads go on as one chain: the serial reader writes the next AT+QIRD the moment the
+        # previous OK arrives, while the machine wants more and nobody else waits (Modem.chain).
+        first = at.qird(cid)
+
+        def follow(response: Response) -> at.Command | None:
+            if response.data:
+                self.last_active = trio.current_time()
+            self._apply(self.rx.read_done(response.data or b""))
+            return first if not self._closed and self.rx.next_read() else None
+
         try:
-            response = await modem.command(at.qird(cid))
+            await modem.chain(first, follow)
         except ModemError as exc:
             return self.rx.read_failed(str(exc))
-        if response.data:
-            self.last_active = trio.current_time()
-        return self.rx.read_done(response.data or b"")
+        return Wake.NONE
 
     # --- trio stream API --------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """Modem: one command in flight, URC fan-out, timeouts, sends — against a scripted peer."""
 
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -272,3 +273,102 @@ async def test_a_close_that_takes_the_modems_full_10_s_is_not_a_hang(pair, autoj
         nursery.start_soon(slow_modem)
         await modem.command(at.qiclose(3))
     assert not modem.unresponsive.is_set()
+
+
+@pytest.fixture
+async def pty_pair() -> AsyncIterator[tuple[Modem, Peer]]:
+    """The modem on a real tty (a pty): the reader's own writes (chained commands) need an fd."""
+    import os
+
+    from tunnel.serialport import open_port
+
+    main, sub = os.openpty()
+    try:
+        stream = await open_port(os.ttyname(sub), 115200)
+        far = trio.lowlevel.FdStream(os.dup(main))
+        async with far, Modem.open(stream) as modem:
+            yield modem, Peer(far)
+    finally:
+        os.close(main)
+        os.close(sub)
+
+
+def qird_answer(data: bytes) -> bytes:
+    return b"\r\n+QIRD: %d\r\n" % len(data) + data + b"\r\n\r\nOK\r\n"
+
+
+async def test_a_chain_writes_each_next_command_at_the_ok(pty_pair, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="tunnel.modem")
+    modem, peer = pty_pair
+    got: list[bytes] = []
+
+    def follow(response) -> at.Command | None:
+        got.append(response.data or b"")
+        return at.qird(3) if len(got) < 3 else None
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                for chunk in (NASTY, b"two", b""):
+                    await peer.expect(b"AT+QIRD=3,1500\r")
+                    await peer.send(qird_answer(chunk) if chunk else b"\r\n+QIRD: 0\r\n\r\nOK\r\n")
+
+            nursery.start_soon(script)
+            await modem.chain(at.qird(3), follow)
+    assert got == [NASTY, b"two", b""]
+    assert modem.stats.commands == 3
+    # Both follow-ups were written by the serial reader itself, at the OK.
+    assert caplog.text.count("AT+QIRD=3,1500 (chained)") == 2
+
+
+async def test_a_chain_lets_a_waiting_command_in_between(pty_pair) -> None:
+    modem, peer = pty_pair
+    order: list[str] = []
+    other_waiting = trio.Event()
+
+    def follow(response) -> at.Command | None:
+        order.append("qird")
+        return at.qird(3) if order.count("qird") < 2 else None
+
+    async def other() -> None:
+        other_waiting.set()
+        await modem.command(at.csq())
+        order.append("csq")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QIRD=3,1500\r")
+                nursery.start_soon(other)
+                await other_waiting.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                await peer.send(qird_answer(b"a"))
+                await peer.expect(b"AT+CSQ\r")  # the waiting command goes first
+                await peer.send(b"\r\n+CSQ: 9,99\r\n\r\nOK\r\n")
+                await peer.expect(b"AT+QIRD=3,1500\r")
+                await peer.send(qird_answer(b"b"))
+
+            nursery.start_soon(script)
+            await modem.chain(at.qird(3), follow)
+    assert order == ["qird", "csq", "qird"]
+
+
+async def test_a_chained_command_past_its_limit_times_out(pty_pair, autojump_clock) -> None:
+    modem, peer = pty_pair
+
+    def follow(response) -> at.Command | None:
+        return at.qird(3)
+
+    async with trio.open_nursery() as nursery:
+
+        async def script() -> None:
+            await peer.expect(b"AT+QIRD=3,1500\r")
+            await peer.send(qird_answer(b"a"))
+            await peer.expect(b"AT+QIRD=3,1500\r")  # and never an answer
+
+        nursery.start_soon(script)
+        with pytest.raises(CommandTimeout):
+            await modem.chain(at.qird(3), follow)
+    assert modem.unresponsive.is_set()
