@@ -41,6 +41,9 @@ MAX_READ: Final = 65536
 # back-to-back on the line (see `SerialLine.receive`, `run_writer`): timer wake-up latency must
 # not stretch a continuous stream. Bounds how early a byte can be seen.
 INPUT_SLACK: Final = 0.001
+# The emulator's own latency between a command's last byte and its reply's first (parsing,
+# task switches) is taken back up to this much: a real modem's is not what the bench measures.
+REPLY_SLACK: Final = 0.002
 # trio's timers wake ~0.6 ms late on average (epoll rounds its timeout up to whole ms). Aiming
 # that much early centres the error on zero; the virtual clocks stay exact, so the long-run rate
 # is unchanged and only the per-turnaround bias goes away.
@@ -344,7 +347,15 @@ class SerialLine:
                 now = trio.current_time()
                 # Back-to-back with the previous chunk unless the line really went idle: a late
                 # wake-up must not stretch the line time of a continuous stream.
-                start = self._next_free if now - self._next_free <= INPUT_SLACK else now
+                if now - self._next_free <= INPUT_SLACK:
+                    start = self._next_free
+                elif now - self._in_time <= REPLY_SLACK:
+                    # A reply to a command whose last byte arrived a moment ago: the emulated
+                    # modem answers at once, so its own processing and wake-ups must not add
+                    # to the host's turnaround (the reply starts when the command ended).
+                    start = max(self._next_free, self._in_time)
+                else:
+                    start = now
                 self._next_free = start + len(data) / self.rate
                 assert self._write_timer is not None
                 await self._write_timer.sleep_until(self._next_free)
