@@ -41,6 +41,11 @@ def links(args):
     for key, label, target in (("down", "download", limit), ("up", "upload", "≥ 0.95")):
         cells = " | ".join(throughput.best(r[key]) for r in results)
         out.append(f"| {label} | {cells} | {target} |")
+    stalled = []
+    for baud in BAUDS:
+        progress(f"links: {baud} baud, download after a stall (AT+QIRD path)")
+        stalled.append(throughput.best(throughput.after_stall(baud, int(baud / 10 * 8), 3)))
+    out.append(f"| download after a stall (AT+QIRD) | {' | '.join(stalled)} | ≥ 0.90 at 921600 |")
     return out
 
 
