@@ -27,10 +27,14 @@ class DialError(Exception):
 
 
 class Dialer(Protocol):
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         """A connected stream to `host`:`port` (`host` as the client sent it: IPv4, IPv6 or a
-        domain name), or DialError. The stream may carry `bound_address: tuple[str, int] | None`,
-        the local end for BND.ADDR/BND.PORT in the reply, and `connect_id` for the flow logs.
+        domain name), or DialError. `client` names who asks (its address, or its /64): the unit
+        the dialer shares its scarce connections and lookups fairly by. The stream may carry
+        `bound_address: tuple[str, int] | None`, the local end for BND.ADDR/BND.PORT in the
+        reply, and `connect_id` for the flow logs.
         Raise trio's stream errors from it:
         BrokenResourceError when the network side fails."""
         ...
@@ -49,10 +53,10 @@ class DatagramFlow(Protocol):
 class UdpDialer(Dialer, Protocol):
     """A Dialer that can also carry UDP ASSOCIATE (RFC 1928 §7)."""
 
-    async def open_udp(self) -> DatagramFlow:
+    async def open_udp(self, *, client: str = "") -> DatagramFlow:
         """A new datagram flow, or DialError."""
         ...
 
-    async def resolve_address(self, name: str) -> str:
+    async def resolve_address(self, name: str, *, client: str = "") -> str:
         """One IPv4 address for `name`, or DialError(HOST_UNREACHABLE, ...)."""
         ...

@@ -166,7 +166,9 @@ class _Server:
                 self._log_cut(peer, conn, slot)
         elif isinstance(request, ConnectRequest):
             refuse = partial(self._refuse, client, conn, peer, _dst(request))
-            await serve_connect(client, conn, peer, request, self._dialer, refuse, self.logs)
+            await serve_connect(
+                client, conn, peer, request, self._dialer, refuse, self.logs, slot.key
+            )
         elif isinstance(request, UdpAssociateRequest):
             await self._udp_associate(client, conn, peer, request, slot)
 
@@ -318,7 +320,8 @@ class _Server:
             await self._refuse(client, conn, peer, dst, ReplyCode.GENERAL_FAILURE, reason)
             return
         try:
-            await self._relay_udp(client, conn, peer, request, cast(UdpDialer, self._dialer))
+            dialer = cast(UdpDialer, self._dialer)
+            await self._relay_udp(client, conn, peer, request, dialer, slot.key)
         finally:
             self.table.unreserve(slot)
 
@@ -329,15 +332,18 @@ class _Server:
         peer: str,
         request: UdpAssociateRequest,
         dialer: UdpDialer,
+        source: str,
     ) -> None:
         try:
-            flow = await dialer.open_udp()
+            flow = await dialer.open_udp(client=source)
         except DialError as exc:
             await self._refuse(client, conn, peer, _dst(request), exc.reply, exc.reason)
             return
         try:
             success = partial(conn.reply, ReplyCode.SUCCEEDED)
-            await udp.serve_association(client, peer, success, dialer, flow, request, self.udp_logs)
+            await udp.serve_association(
+                client, peer, success, dialer, flow, request, self.udp_logs, source
+            )
         finally:
             with trio.CancelScope(shield=True):
                 await flow.aclose()

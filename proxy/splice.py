@@ -34,13 +34,14 @@ async def serve_connect(
     dialer: Dialer,
     refuse: Refuse,
     logs: LogLimiter,
+    source: str = "",
 ) -> None:
     """Dial, reply, splice until done, close both sides; `refuse(code, reason)` answers a
     failed dial."""
     dst = f"{request.host}:{request.port}"
     try:
         # RFC 1928 §6: the reply reports the outcome, so it waits for the dial to finish.
-        remote = await dialer.open_tcp(request.host, request.port)
+        remote = await dialer.open_tcp(request.host, request.port, client=source)
     except DialError as exc:
         await refuse(exc.reply, exc.reason)
         return

@@ -45,6 +45,7 @@ async def serve_association(
     flow: DatagramFlow,
     request: UdpAssociateRequest,
     logs: LogLimiter,
+    source: str = "",
 ) -> None:
     """Open the relay, send `success(relay host, relay port)` (the §6 reply) and relay until
     `client`, the control connection, ends. `flow` stays the caller's to close."""
@@ -52,7 +53,7 @@ async def serve_association(
     client_ip = str(client.socket.getpeername()[0])
     declared = (client_ip, request.port) if request.port else None
     with await open_relay(local_ip, declared) as relay:
-        association = Association(dialer, relay, flow, client_ip, request, logs)
+        association = Association(dialer, relay, flow, client_ip, request, logs, source)
         bind_host, bind_port = sockname(relay)
         try:
             await client.send_all(success(bind_host, bind_port))
@@ -88,8 +89,10 @@ class Association:
         client_ip: str,
         request: UdpAssociateRequest,
         logs: LogLimiter,
+        source: str = "",
     ) -> None:
         self._dialer = dialer
+        self._source = source  # who the dialer counts lookups against
         self._relay = relay
         self._flow = flow
         self._client_ip = ipaddress.ip_address(client_ip)
@@ -137,7 +140,7 @@ class Association:
             host = datagram.host
             try:
                 if datagram.atyp is AddressType.DOMAIN:
-                    host = await self._dialer.resolve_address(host)
+                    host = await self._dialer.resolve_address(host, client=self._source)
                 elif datagram.atyp is AddressType.IPV6:
                     raise DialError(ReplyCode.HOST_UNREACHABLE, "IPv6 is not carried")
                 await self._flow.send(datagram.payload, (host, datagram.port))

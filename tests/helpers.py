@@ -124,13 +124,14 @@ async def socks_connect(
     *,
     proxy_host: str = LOOPBACK,
     receive_buffer: int | None = None,
+    local_address: str | None = None,
 ) -> tuple[trio.SocketStream, int]:
     """SOCKS5 CONNECT with no auth; returns the stream and the reply code.
 
     `receive_buffer`: the client socket's SO_RCVBUF, set before connecting (a small one keeps
     the kernel from absorbing what a stalled client leaves unread)."""
     if receive_buffer is None:
-        stream = await trio.open_tcp_stream(proxy_host, proxy_port)
+        stream = await trio.open_tcp_stream(proxy_host, proxy_port, local_address=local_address)
     else:
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)

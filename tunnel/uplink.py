@@ -51,15 +51,18 @@ class UdpFlow(Protocol):
 
 
 class Uplink(Protocol):
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
-        """A TCP connection through the modem (host: IPv4 or a name), or proxy.DialError."""
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
+        """A TCP connection through the modem (host: IPv4 or a name), or proxy.DialError.
+        `client` (the application's address) is the unit of fair sharing."""
         ...
 
-    async def resolve(self, name: str) -> DnsAnswer:
+    async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         """Resolve through the modem (AT+QIDNSGIP, cached within its TTL), or ResolveError."""
         ...
 
-    async def open_udp(self) -> UdpFlow:
+    async def open_udp(self, *, client: str = "") -> UdpFlow:
         """A new UDP flow through the modem, or proxy.DialError."""
         ...
 

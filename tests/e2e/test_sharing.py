@@ -71,6 +71,29 @@ async def test_idle_flows_make_room_and_a_busy_one_is_never_reclaimed(nursery) -
                 await stream.aclose()
 
 
+async def test_client_flows_caps_one_client_and_not_the_others(nursery) -> None:
+    silent_port = await nursery.start(serve_and_stay, b"")
+    async with start_tunnel(nursery, client_flows=2, reclaim_idle=0) as t:
+        with trio.fail_after(20):
+            held = []
+            for _ in range(2):
+                stream, reply = await socks_connect(t.socks_port, "127.0.0.1", silent_port)
+                assert reply == SUCCEEDED
+                held.append(stream)
+            stream, reply = await socks_connect(t.socks_port, "127.0.0.1", silent_port)
+            assert reply == GENERAL_FAILURE  # its share is taken
+            await stream.aclose()
+            other, reply = await socks_connect(
+                t.socks_port, "127.0.0.1", silent_port, local_address="127.0.0.2"
+            )
+            assert reply == SUCCEEDED  # another client still gets in
+            pool = t.daemon.pool
+            assert pool is not None
+            assert pool.clients() == {"127.0.0.1": 2, "127.0.0.2": 1}
+            for s in [*held, other]:
+                await s.aclose()
+
+
 async def test_a_forgotten_flow_is_closed_after_idle_timeout(nursery) -> None:
     silent_port = await nursery.start(serve_and_stay, b"hello")
     async with start_tunnel(nursery, idle_timeout=0.5) as t:

@@ -95,7 +95,9 @@ class LoopbackDialer:
         self.port = port
         self.asked: list[tuple[str, int]] = []
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         self.asked.append((host, port))
         return await trio.open_tcp_stream("127.0.0.1", self.port)
 
@@ -105,7 +107,9 @@ class FailingDialer:
         self.exc = exc
         self.asked: list[tuple[str, int]] = []
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         self.asked.append((host, port))
         raise self.exc
 
@@ -164,7 +168,9 @@ class ScriptedDialer:
         self.streams = list(streams)
         self.asked: list[tuple[str, int]] = []
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         self.asked.append((host, port))
         return self.streams.pop(0)
 
@@ -211,16 +217,18 @@ class FakeUdpDialer:
     def __init__(self) -> None:
         self.flows: list[FakeFlow] = []
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         raise AssertionError(f"no TCP in this test: {host}:{port}")
 
-    async def open_udp(self) -> FakeFlow:
+    async def open_udp(self, *, client: str = "") -> FakeFlow:
         await trio.lowlevel.checkpoint()
         flow = FakeFlow()
         self.flows.append(flow)
         return flow
 
-    async def resolve_address(self, name: str) -> str:
+    async def resolve_address(self, name: str, *, client: str = "") -> str:
         await trio.lowlevel.checkpoint()
         return "198.18.0.1"
 

@@ -358,7 +358,9 @@ async def test_success_reply_waits_for_dialer(nursery: trio.Nursery) -> None:
     remote = ScriptedStream()
 
     class GatedDialer:
-        async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+        async def open_tcp(
+            self, host: str, port: int, *, client: str = ""
+        ) -> trio.abc.HalfCloseableStream:
             called.set()
             await release.wait()
             return remote

@@ -13,6 +13,7 @@ kernel socket is involved.
 """
 
 import enum
+import ipaddress
 import logging
 import re
 import struct
@@ -188,7 +189,8 @@ class DnsResponder:
     async def _resolve(self, key: tuple[bytes, int, int], query: Query, what: Plan) -> None:
         try:
             try:
-                answer = await self.uplink.resolve(query.name)
+                asker = str(ipaddress.IPv4Address(key[0]))  # fair sharing is per application
+                answer = await self.uplink.resolve(query.name, client=asker)
             except ResolveError as exc:
                 rcode = Rcode.NXDOMAIN if exc.not_found else Rcode.SERVFAIL
                 if rcode is Rcode.SERVFAIL:

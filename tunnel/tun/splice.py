@@ -128,7 +128,7 @@ class TcpSplicer:
         flow.opening = trio.CancelScope(deadline=trio.current_time() + self.settings.open_timeout)
         try:
             with flow.opening:
-                remote = await self.uplink.open_tcp(host, port)
+                remote = await self.uplink.open_tcp(host, port, client=src_host)
         except DialError as exc:
             self._refuse(entry, exc.reply, src, dst)
             return

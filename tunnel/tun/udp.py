@@ -118,7 +118,8 @@ class UdpRelay:
         try:
             with mapping.scope:
                 try:
-                    flow = await self.uplink.open_udp()
+                    source = str(ipaddress.IPv4Address(mapping.endpoint[0]))
+                    flow = await self.uplink.open_udp(client=source)
                 except DialError as exc:
                     self.limit(
                         logging.INFO, "tun udp flow refused src=%s reply=%s", who, exc.reply.name

@@ -87,7 +87,9 @@ class HostUplink:
     async def wait_changed(self) -> None:
         await self._changed.wait()
 
-    async def open_tcp(self, host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
         self.pending += 1
         self.max_pending = max(self.max_pending, self.pending)
         self._touch()
@@ -117,7 +119,7 @@ class HostUplink:
         except OSError as exc:
             raise DialError(ReplyCode.CONNECTION_REFUSED, str(exc)) from exc
 
-    async def resolve(self, name: str) -> DnsAnswer:
+    async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         self.resolves.append(name)
         await trio.lowlevel.checkpoint()
         lowered = name.lower()
@@ -127,7 +129,7 @@ class HostUplink:
             return DnsAnswer((TEST_ADDRESS,), self.ttl)
         raise ResolveError(name, "565 DNS parse failed", not_found=True)
 
-    async def open_udp(self) -> HostUdpFlow:
+    async def open_udp(self, *, client: str = "") -> HostUdpFlow:
         if self.down:
             await trio.lowlevel.checkpoint()
             raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")

@@ -209,7 +209,7 @@ async def test_uplink_bug_refuses_that_connect_only(
     port = await nursery.start(serve_tcp, echo_handler)
     working = uplink.open_tcp
 
-    async def broken(host: str, port: int) -> trio.abc.HalfCloseableStream:
+    async def broken(host: str, port: int, **_: object) -> trio.abc.HalfCloseableStream:
         uplink.open_tcp = working  # type: ignore[method-assign]
         raise RuntimeError("a bug outside the Uplink contract")
 
