@@ -74,6 +74,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self, pool: "SocketPool", slot: "Slot", peer: str, *, rx_buffer: int = RX_BUFFER
     ) -> None:
         self._pool = pool
+        self._modem = pool.modem
         self._slot: Slot | None = slot
         self.connect_id = slot.connect_id
         self.peer = peer
@@ -99,7 +100,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
     # --- FlowOwner: called by the serial reader (never block) -------------------------------
 
     def on_push(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
-        self.last_active = now = trio.current_time()
+        # Per frame: no clock call of our own, the reader's time of this read is close enough.
+        self.last_active = now = self._modem.read_time
         if self._write_closed:
             self._linger_until = now + HALF_CLOSE_LINGER
         self._apply(self.rx.push(data))
@@ -141,7 +143,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._failure = reason
         self._apply(self.rx.fail(reason))
 
-    def _apply(self, wake: Wake) -> None:
+    def _apply(self, wake: int) -> None:
         if wake & Wake.CONSUMER:
             self._wake_consumer()
         if wake & Wake.DRIVER:
@@ -181,7 +183,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._driver_running = False
             self._driver_wakeup = None
 
-    async def _run(self, command: Command) -> Wake:
+    async def _run(self, command: Command) -> int:
         modem = self._pool.modem
         cid = self.connect_id
         if command is Command.SWITCH_TO_BUFFER:

@@ -46,8 +46,8 @@ def test_a_missing_cell_raises_naming_state_and_event() -> None:
 
 def test_push_then_eof() -> None:
     rx = Receiver(1024)
-    assert rx.push(b"hello") is Wake.CONSUMER
-    assert rx.peer_closed() is Wake.CONSUMER
+    assert rx.push(b"hello") == Wake.CONSUMER
+    assert rx.peer_closed() == Wake.CONSUMER
     assert rx.take(3) == b"hel"
     assert rx.take() == b"lo"
     assert rx.take() == b""
@@ -113,7 +113,7 @@ def test_refused_switch_stays_push_then_a_hard_limit_fails_loudly() -> None:
     assert rx.next_command() is Command.SWITCH_TO_BUFFER
     rx.switch_done(False)
     assert rx.state is RxState.PUSH
-    assert rx.push(b"x" * 3) is Wake.CONSUMER  # not yet another half mark
+    assert rx.push(b"x" * 3) == Wake.CONSUMER  # not yet another half mark
     assert rx.push(b"x" * 3) & Wake.DRIVER  # asks again
     rx.next_command()
     rx.switch_done(False)
