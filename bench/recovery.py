@@ -23,8 +23,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import echo_handler, receive_exactly, serve_and_stay, serve_tcp, socks_connect
-from tunnel.config import Settings
-from tunnel.daemon import Daemon, Serving
+from tunnel.daemon.app import Daemon, Serving
+from tunnel.daemon.config import Settings
 from tunnel.emulator import Emulator
 
 

@@ -19,7 +19,7 @@ from typing import Final, cast
 
 import trio
 
-from proxy import udp
+from proxy import udp_relay
 from proxy.acceptor import Acceptor
 from proxy.admission import AuthThrottle, ConnectionTable, IPNetwork, Slot, default_max_connections
 from proxy.auth import Authenticator
@@ -132,7 +132,7 @@ class _Server:
     ) -> None:
         self._dialer = dialer
         self.logs = LogLimiter(log)
-        self.udp_logs = LogLimiter(udp.log)
+        self.udp_logs = LogLimiter(udp_relay.log)
         self._auth = Authenticator(users, throttle, self.logs)
         self.policy = self._auth.policy
         self._handshake_timeout = handshake_timeout
@@ -313,7 +313,7 @@ class _Server:
         request: UdpAssociateRequest,
         slot: Slot,
     ) -> None:
-        """UDP ASSOCIATE (RFC 1928 §7) through the dialer's UDP flows (proxy.udp)."""
+        """UDP ASSOCIATE (RFC 1928 §7) through the dialer's UDP flows (proxy.udp_relay)."""
         dst = _dst(request)
         if not self.table.reserve(slot):  # the relay socket is one more descriptor
             reason = f"connection cap reached max_connections={self.table.cap}"
@@ -341,7 +341,7 @@ class _Server:
             return
         try:
             success = partial(conn.reply, ReplyCode.SUCCEEDED)
-            await udp.serve_association(
+            await udp_relay.serve_association(
                 client, peer, success, dialer, flow, request, self.udp_logs, source
             )
         finally:

@@ -9,8 +9,8 @@ from typing import Any
 
 import trio
 
-from tunnel.config import Settings
-from tunnel.daemon import Daemon, Serving
+from tunnel.daemon.app import Daemon, Serving
+from tunnel.daemon.config import Settings
 from tunnel.emulator import Emulator
 
 

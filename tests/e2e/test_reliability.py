@@ -22,8 +22,8 @@ from tests.helpers import (
     serve_tcp,
     socks_connect,
 )
-from tunnel.config import Settings
-from tunnel.daemon import Daemon
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import Settings
 from tunnel.emulator import Emulator, serve_pty
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ import trio
 
 from tests.e2e.harness import start_tunnel
 from tests.helpers import echo_handler, receive_exactly, serve_and_stay, serve_tcp, socks_connect
-from tunnel.services import ServiceError
+from tunnel.modem.ping_ntp import ServiceError
 from tunnel.uplink import ResolveError
 
 SUCCEEDED = 0x00

@@ -21,7 +21,7 @@ from tests.e2e.harness import Tunnel, start_tunnel
 from tests.helpers import receive_exactly, serve_and_stay, serve_tcp, socks_connect
 from tunnel.emulator import Emulator
 from tunnel.emulator.sockets import RX_LIMIT
-from tunnel.stream import ModemSocket
+from tunnel.modem.tcp import ModemSocket
 
 MiB = 1024 * 1024
 READINGS = [

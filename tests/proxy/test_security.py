@@ -403,7 +403,7 @@ async def test_row6_udp_require_port_refuses_zeros_and_serves_a_declared_port(
 
 
 async def test_per_datagram_log_lines_are_rate_limited(nursery: trio.Nursery) -> None:
-    with LogWatch("proxy.udp") as logs, trio.fail_after(10):
+    with LogWatch("proxy.udp_relay") as logs, trio.fail_after(10):
         dialer = FakeUdpDialer()
         proxy = await start_proxy(nursery, dialer)
         client = await udp_socket()

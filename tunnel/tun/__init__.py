@@ -7,7 +7,7 @@ modem's UDP service (udp.py) and ping over AT+QPING, and refuses the rest (front
 work is sans-I/O (packet.py, nat.py, the DNS codec); only device.py and the tasks do I/O.
 """
 
-from .front import TunFront, TunInfo
-from .settings import Counters, TunSettings
+from tunnel.tun.front import TunFront, TunInfo
+from tunnel.tun.settings import Counters, TunSettings
 
 __all__ = ["Counters", "TunFront", "TunInfo", "TunSettings"]

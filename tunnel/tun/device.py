@@ -25,7 +25,7 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from .ratelimit import LogLimiter
+from tunnel.tun.ratelimit import LogLimiter
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from typing import Final
 
 import trio
 
-from ..uplink import DnsAnswer, ResolveError, Uplink
-from .packet import build_udp
-from .ratelimit import LogLimiter
-from .settings import Counters
+from tunnel.tun.packet import build_udp
+from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.settings import Counters
+from tunnel.uplink import DnsAnswer, ResolveError, Uplink
 
 log = logging.getLogger(__name__)
 

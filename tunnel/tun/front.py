@@ -25,11 +25,10 @@ from typing import Any, Final
 
 import trio
 
-from ..uplink import Uplink
-from .device import DeviceConfig, TunDevice
-from .dnsresponder import DNS_PORT, DnsResponder
-from .nat import TcpNat, Verdict
-from .packet import (
+from tunnel.tun.device import DeviceConfig, TunDevice
+from tunnel.tun.dnsresponder import DNS_PORT, DnsResponder
+from tunnel.tun.nat import TcpNat, Verdict
+from tunnel.tun.packet import (
     ICMP_ECHO_REQUEST,
     PROTO_ICMP,
     PROTO_TCP,
@@ -41,11 +40,12 @@ from .packet import (
     is_multicast_or_broadcast,
     tcp_reset,
 )
-from .ratelimit import LogLimiter
-from .settings import Counters, TunSettings
-from .sources import AddressWatcher, SourceFilter
-from .splice import TcpSplicer
-from .udp import UdpRelay
+from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.settings import Counters, TunSettings
+from tunnel.tun.sources import AddressWatcher, SourceFilter
+from tunnel.tun.splice import TcpSplicer
+from tunnel.tun.udp_relay import UdpRelay
+from tunnel.uplink import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Final
 
-from .packet import ACK, FIN, PROTO_TCP, RST, SYN, Rewrite, seq_after_or_at, u32
-from .settings import DEFAULT_HALF_OPEN_MAX, DEFAULT_HALF_OPEN_PER_SOURCE
+from tunnel.tun.packet import ACK, FIN, PROTO_TCP, RST, SYN, Rewrite, seq_after_or_at, u32
+from tunnel.tun.settings import DEFAULT_HALF_OPEN_MAX, DEFAULT_HALF_OPEN_PER_SOURCE
 
 NAT_PORTS: Final = range(10000, 65536)
 

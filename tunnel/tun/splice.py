@@ -21,12 +21,11 @@ from typing import Final
 import trio
 
 from proxy import DialError, ReplyCode
-
-from ..uplink import Uplink
-from .nat import Entry, State, TcpNat
-from .packet import UNREACH_HOST, UNREACH_NET, icmp_error, tcp_reset
-from .ratelimit import LogLimiter
-from .settings import Counters, TunSettings
+from tunnel.tun.nat import Entry, State, TcpNat
+from tunnel.tun.packet import UNREACH_HOST, UNREACH_NET, icmp_error, tcp_reset
+from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.settings import Counters, TunSettings
+from tunnel.uplink import Uplink
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunnel.receive import (
+from tunnel.modem.tcp_receive import (
     TRANSITIONS,
     Command,
     Ev,

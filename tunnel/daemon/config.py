@@ -19,10 +19,15 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
-from .at import commands as at
-from .at.commands import Auth
-from .at.constants import CONTEXT_IDS
-from .secret_files import ENV_PASSWORD, SecretFileError, read_private_text, read_secret_file
+from tunnel.at import commands as at
+from tunnel.at.commands import Auth
+from tunnel.at.constants import CONTEXT_IDS
+from tunnel.daemon.secret_files import (
+    ENV_PASSWORD,
+    SecretFileError,
+    read_private_text,
+    read_secret_file,
+)
 
 DEFAULT_PATH: Final = Path("/etc/uc20-tunnel/config.toml")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")

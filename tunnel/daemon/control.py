@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from .at import commands as at
-from .at.errors import CommandError, ModemError
-from .control_protocol import (
+from tunnel.at import commands as at
+from tunnel.at.errors import CommandError, ModemError
+from tunnel.daemon.control_protocol import (
     MAX_ANSWER,
     MAX_REQUEST,
     LineReader,
@@ -32,14 +32,14 @@ from .control_protocol import (
     error,
     parse_request,
 )
-from .control_socket import ClaimedSocket, ControlSocketBusy, ControlSocketError, claim
-from .services import ServiceError
-from .stream import ModemSocket
-from .udp import ModemUdpFlow
-from .uplink import ResolveError
+from tunnel.daemon.control_socket import ClaimedSocket, ControlSocketBusy, ControlSocketError, claim
+from tunnel.modem.ping_ntp import ServiceError
+from tunnel.modem.tcp import ModemSocket
+from tunnel.modem.udp import ModemUdpFlow
+from tunnel.uplink import ResolveError
 
 if TYPE_CHECKING:
-    from .daemon import Daemon
+    from tunnel.daemon.app import Daemon
 
 __all__ = [
     "ClaimedSocket",

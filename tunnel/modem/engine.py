@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 import trio
 
-from .at import commands as at
-from .at.commands import Command
-from .at.errors import (
+from tunnel.at import commands as at
+from tunnel.at.commands import Command
+from tunnel.at.errors import (
     CommandError,
     CommandTimeout,
     ModemError,
@@ -27,7 +27,7 @@ from .at.errors import (
     ModemRebooted,
     SendBufferFull,
 )
-from .at.events import (
+from tunnel.at.events import (
     NEED_DATA,
     Echo,
     Event,
@@ -43,8 +43,8 @@ from .at.events import (
     Unparsed,
     Urc,
 )
-from .at.parser import ATParser
-from .util import single_error
+from tunnel.at.parser import ATParser
+from tunnel.util import single_error
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Final
 
 import trio
 
-from .at import commands as at
-from .at.constants import ACCESS_PUSH, MAX_SEND_LEN
-from .at.errors import CommandError, ErrorCode, ModemError, SendBufferFull
-from .sockets import Slot, SocketPool
+from tunnel.at import commands as at
+from tunnel.at.constants import ACCESS_PUSH, MAX_SEND_LEN
+from tunnel.at.errors import CommandError, ErrorCode, ModemError, SendBufferFull
+from tunnel.modem.pool import Slot, SocketPool
 
 log = logging.getLogger(__name__)
 

@@ -14,12 +14,12 @@ import pytest
 import trio
 import trio.testing
 
-from tunnel import context
 from tunnel.at import commands as at
 from tunnel.emulator import Emulator
-from tunnel.modem import Modem
-from tunnel.sockets import SocketPool
-from tunnel.stream import ModemSocket, open_tcp
+from tunnel.modem import context
+from tunnel.modem.engine import Modem
+from tunnel.modem.pool import SocketPool
+from tunnel.modem.tcp import ModemSocket, open_tcp
 
 
 @pytest.fixture

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tunnel import control
-from tunnel.config import Settings
-from tunnel.control_socket import (
+from tunnel.daemon import control
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import Settings
+from tunnel.daemon.control_socket import (
     MAX_PATH,
     SOCKET_MODE,
     ControlSocketBusy,
@@ -20,7 +21,6 @@ from tunnel.control_socket import (
     claim,
     listener_pid,
 )
-from tunnel.daemon import Daemon
 
 NOBODY = 65534
 
@@ -74,7 +74,7 @@ def test_what_is_not_a_socket_is_never_removed(tmp_path: Path, kind: str) -> Non
 def test_our_stale_socket_is_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "control.sock"
     stale = _stale_socket(path)
-    with caplog.at_level(logging.WARNING, "tunnel.control_socket"):
+    with caplog.at_level(logging.WARNING, "tunnel.daemon.control_socket"):
         claimed = claim(str(path))
     try:
         assert f"removed stale control socket path={path}" in caplog.text

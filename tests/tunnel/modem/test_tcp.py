@@ -12,13 +12,13 @@ import trio
 import trio.testing
 
 from tests.helpers import lookalike_payload
-from tests.tunnel.peer import Peer
+from tests.tunnel.modem.peer import Peer
 from tunnel.at.errors import ErrorCode, ModemRebooted
-from tunnel.dns import Resolver
-from tunnel.modem import Modem
-from tunnel.receive import RxState
-from tunnel.sockets import OpenError, SocketPool
-from tunnel.stream import ModemSocket, open_tcp
+from tunnel.modem.dns import Resolver
+from tunnel.modem.engine import Modem
+from tunnel.modem.pool import OpenError, SocketPool
+from tunnel.modem.tcp import ModemSocket, open_tcp
+from tunnel.modem.tcp_receive import RxState
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n\r\n+QIRD: 3\r\n> \x1a\x00SEND OK\r\n'
 OPEN = b'AT+QIOPEN=1,0,"TCP","a.test",80,0,1\r'

@@ -7,7 +7,7 @@ import pytest
 import trio
 import trio.testing
 
-from tests.tunnel.peer import Peer
+from tests.tunnel.modem.peer import Peer
 from tunnel.at import commands as at
 from tunnel.at.errors import (
     CommandError,
@@ -17,7 +17,7 @@ from tunnel.at.errors import (
     SendBufferFull,
 )
 from tunnel.at.events import OpenResult, Recv
-from tunnel.modem import Modem, with_timeout
+from tunnel.modem.engine import Modem, with_timeout
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
 
@@ -280,7 +280,7 @@ async def pty_pair() -> AsyncIterator[tuple[Modem, Peer]]:
     """The modem on a real tty (a pty): the reader's own writes (chained commands) need an fd."""
     import os
 
-    from tunnel.serialport import open_port
+    from tunnel.modem.port import open_port
 
     main, sub = os.openpty()
     try:
@@ -298,7 +298,7 @@ def qird_answer(data: bytes) -> bytes:
 
 
 async def test_a_chain_writes_each_next_command_at_the_ok(pty_pair, caplog) -> None:
-    caplog.set_level(logging.DEBUG, logger="tunnel.modem")
+    caplog.set_level(logging.DEBUG, logger="tunnel.modem.engine")
     modem, peer = pty_pair
     got: list[bytes] = []
 

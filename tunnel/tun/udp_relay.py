@@ -19,17 +19,16 @@ from typing import Final
 import trio
 
 from proxy import DialError, ReplyCode
-
-from ..uplink import UdpFlow, Uplink
-from .packet import (
+from tunnel.tun.packet import (
     UNREACH_HOST,
     UNREACH_NET,
     UNREACH_PORT,
     build_udp,
     icmp_error,
 )
-from .ratelimit import LogLimiter
-from .settings import Counters, TunSettings
+from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.settings import Counters, TunSettings
+from tunnel.uplink import UdpFlow, Uplink
 
 log = logging.getLogger(__name__)
 

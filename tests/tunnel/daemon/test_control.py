@@ -13,9 +13,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tunnel import control
-from tunnel.config import Settings
-from tunnel.control_protocol import (
+from tunnel.daemon import control
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import Settings
+from tunnel.daemon.control_protocol import (
     MAX_DEPTH,
     MAX_REQUEST,
     PING_COUNT,
@@ -26,7 +27,6 @@ from tunnel.control_protocol import (
     depth,
     parse_request,
 )
-from tunnel.daemon import Daemon
 
 # The security review's requests, each of which used to end the whole daemon (rc=1, 0.35 s).
 REVIEW_REQUESTS = [
@@ -212,7 +212,7 @@ def test_handler_answers_or_closes_never_raises(data: bytes, cuts: list[int], cl
     points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
     chunks = [data[a:b] for a, b in itertools.pairwise(points) if b > a]
     errors = _Records()
-    logging.getLogger("tunnel.control").addHandler(errors)
+    logging.getLogger("tunnel.daemon.control").addHandler(errors)
     try:
         handler = control._Handler(_idle_daemon())
 
@@ -222,7 +222,7 @@ def test_handler_answers_or_closes_never_raises(data: bytes, cuts: list[int], cl
 
         answer = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     finally:
-        logging.getLogger("tunnel.control").removeHandler(errors)
+        logging.getLogger("tunnel.daemon.control").removeHandler(errors)
     assert not errors.records, [r.getMessage() for r in errors.records]
     assert handler.clients == 0
     if not answer:

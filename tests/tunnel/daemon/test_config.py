@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tunnel import config
 from tunnel.at import commands
 from tunnel.at.constants import MAX_APN_LEN, MAX_PASSWORD_LEN, MAX_USERNAME_LEN
-from tunnel.config import SYSTEM_CONTROL, ConfigError, Settings
-from tunnel.secret_files import ENV_PASSWORD
+from tunnel.daemon import config
+from tunnel.daemon.config import SYSTEM_CONTROL, ConfigError, Settings
+from tunnel.daemon.secret_files import ENV_PASSWORD
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "systemd" / "config.example.toml"
+EXAMPLE = Path(__file__).resolve().parents[3] / "systemd" / "config.example.toml"
 
 
 def load_text(tmp_path: Path, text: str) -> dict:
@@ -215,7 +215,7 @@ def test_a_group_readable_secret_file_is_a_loud_warning(
     with caplog.at_level(logging.WARNING):
         values = load_text(tmp_path, 'password_file = "pw"\n')
     assert values["password"] == "s3cret"
-    [record] = [r for r in caplog.records if r.name == "tunnel.secret_files"]
+    [record] = [r for r in caplog.records if r.name == "tunnel.daemon.secret_files"]
     assert record.levelno == logging.WARNING
     assert "secret file open to its group key=password_file" in record.getMessage()
     assert "s3cret" not in caplog.text

@@ -4,9 +4,9 @@ import pytest
 import trio
 import trio.testing
 
-from tunnel.config import Settings
-from tunnel.daemon import Daemon
-from tunnel.supervisor import MAX_PAUSE, Supervisor, pause_before
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import Settings
+from tunnel.daemon.supervisor import MAX_PAUSE, Supervisor, pause_before
 
 MIN = 60.0
 HOUR = 3600.0

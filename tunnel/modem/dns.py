@@ -20,12 +20,12 @@ from typing import Final
 
 import trio
 
-from .at import commands as at
-from .at.constants import TIMEOUTS
-from .at.errors import CommandError, ErrorCode, ModemError
-from .at.events import DnsAddress, DnsHeader
-from .modem import Answer, Modem
-from .uplink import DnsAnswer, ResolveError
+from tunnel.at import commands as at
+from tunnel.at.constants import TIMEOUTS
+from tunnel.at.errors import CommandError, ErrorCode, ModemError
+from tunnel.at.events import DnsAddress, DnsHeader
+from tunnel.modem.engine import Answer, Modem
+from tunnel.uplink import DnsAnswer, ResolveError
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .at import commands as at
-from .at.errors import CommandError, ErrorCode, ModemError
-from .modem import Modem
+from tunnel.at import commands as at
+from tunnel.at.errors import CommandError, ErrorCode, ModemError
+from tunnel.modem.engine import Modem
 
 log = logging.getLogger(__name__)
 

@@ -5,8 +5,8 @@ import trio
 import trio.testing
 
 from tunnel.at.errors import CommandTimeout
-from tunnel.modem import Modem
-from tunnel.startup import SimError, start_up
+from tunnel.modem.engine import Modem
+from tunnel.modem.startup import SimError, start_up
 
 
 async def scripted_modem(stream: trio.abc.Stream, answers: dict[bytes, bytes], echo: bool) -> None:

@@ -12,13 +12,13 @@ from typing import Any
 
 import trio
 
-from . import config, control, render
-from .at.errors import ModemError
-from .config import ConfigError, Settings
-from .control_protocol import PING_COUNT, PING_WAIT
-from .control_socket import ControlSocketError
-from .daemon import Daemon
-from .secret_files import ENV_PASSWORD
+from tunnel.at.errors import ModemError
+from tunnel.daemon import config, control, render
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import ConfigError, Settings
+from tunnel.daemon.control_protocol import PING_COUNT, PING_WAIT
+from tunnel.daemon.control_socket import ControlSocketError
+from tunnel.daemon.secret_files import ENV_PASSWORD
 
 log = logging.getLogger("tunnel")
 
@@ -139,7 +139,7 @@ def _int_in(allowed: range) -> Callable[[str], int]:
 
 def _fault_help() -> str:
     try:
-        from .emulator.faults import FAULT_SPECS
+        from tunnel.emulator.faults import FAULT_SPECS
     except ImportError:  # pragma: no cover - the emulator ships with the package
         return "fault to inject"
     return str(FAULT_SPECS)
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _client(args)
     if args.command == "emulator":
         _setup_logging(args.log_level)
-        from .emulator import run_standalone
+        from tunnel.emulator import run_standalone
 
         try:
             run_standalone(args.link, baud=args.baud or None, faults=args.fault)

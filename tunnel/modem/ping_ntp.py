@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .at import commands as at
-from .at.constants import TIMEOUTS
-from .at.errors import CommandError, ModemError
-from .at.events import NtpResult, PingReply, PingSummary
-from .modem import Answer, AnswerTimeout, Modem
-from .uplink import PingReply as Reply
-from .uplink import ResolveError
+from tunnel.at import commands as at
+from tunnel.at.constants import TIMEOUTS
+from tunnel.at.errors import CommandError, ModemError
+from tunnel.at.events import NtpResult, PingReply, PingSummary
+from tunnel.modem.engine import Answer, AnswerTimeout, Modem
+from tunnel.uplink import PingReply as Reply
+from tunnel.uplink import ResolveError
 
 log = logging.getLogger(__name__)
 

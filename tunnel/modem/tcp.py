@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .at import commands as at
-from .at.constants import ACCESS_BUFFER, ACCESS_PUSH, MAX_SEND_LEN
-from .at.errors import CommandError, ModemError, SendBufferFull
-from .modem import Response
-from .receive import Command, Failed, Receiver, RxState, Wake
+from tunnel.at import commands as at
+from tunnel.at.constants import ACCESS_BUFFER, ACCESS_PUSH, MAX_SEND_LEN
+from tunnel.at.errors import CommandError, ModemError, SendBufferFull
+from tunnel.modem.engine import Response
+from tunnel.modem.tcp_receive import Command, Failed, Receiver, RxState, Wake
 
 if TYPE_CHECKING:
-    from .sockets import Slot, SocketPool
+    from tunnel.modem.pool import Slot, SocketPool
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .at.commands import check_host
+from tunnel.at.commands import check_host
 
 MAX_REQUEST: Final = 4096  # bytes in a request line
 MAX_DEPTH: Final = 4  # nesting of [ and {; a valid request has 1 (json recurses per level)

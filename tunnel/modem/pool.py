@@ -19,12 +19,12 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from .at import commands as at
-from .at.constants import CONNECT_IDS, TIMEOUTS
-from .at.errors import CommandError, ErrorCode, ModemError, ModemGone
-from .at.events import FrameCut, OpenResult, Recv, RecvNotify, SocketClosed
-from .modem import Answer, Modem
-from .util import single_error
+from tunnel.at import commands as at
+from tunnel.at.constants import CONNECT_IDS, TIMEOUTS
+from tunnel.at.errors import CommandError, ErrorCode, ModemError, ModemGone
+from tunnel.at.events import FrameCut, OpenResult, Recv, RecvNotify, SocketClosed
+from tunnel.modem.engine import Answer, Modem
+from tunnel.util import single_error
 
 log = logging.getLogger(__name__)
 

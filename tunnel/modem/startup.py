@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import trio
 
-from .at import commands as at
-from .at.errors import CommandError, CommandTimeout, ModemError, ModemRebooted
-from .modem import Modem, with_timeout
+from tunnel.at import commands as at
+from tunnel.at.errors import CommandError, CommandTimeout, ModemError, ModemRebooted
+from tunnel.modem.engine import Modem, with_timeout
 
 log = logging.getLogger(__name__)
 

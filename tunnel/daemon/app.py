@@ -22,24 +22,24 @@ from typing import TYPE_CHECKING
 import trio
 
 from proxy import serve_socks5
-
-from . import context, sdnotify
-from .at import commands as at
-from .at.errors import CommandError, ModemError, ModemGone
-from .at.events import PdpDeactivated
-from .config import Settings
-from .dialer import ModemDialer
-from .modem import Modem, frame_timeout, with_timeout
-from .serialport import SerialPortError, open_port
-from .services import ModemServices
-from .sockets import SharePolicy, SocketPool
-from .startup import Identity, SimError, start_up
-from .supervisor import Supervisor
-from .util import single_error
+from tunnel.at import commands as at
+from tunnel.at.errors import CommandError, ModemError, ModemGone
+from tunnel.at.events import PdpDeactivated
+from tunnel.daemon import sdnotify
+from tunnel.daemon.config import Settings
+from tunnel.daemon.supervisor import Supervisor
+from tunnel.modem import context
+from tunnel.modem.engine import Modem, frame_timeout, with_timeout
+from tunnel.modem.ping_ntp import ModemServices
+from tunnel.modem.pool import SharePolicy, SocketPool
+from tunnel.modem.port import SerialPortError, open_port
+from tunnel.modem.startup import Identity, SimError, start_up
+from tunnel.modem.uplink import ModemDialer
+from tunnel.util import single_error
 
 if TYPE_CHECKING:
-    from .control import ClaimedSocket
-    from .tun import TunFront
+    from tunnel.daemon.control import ClaimedSocket
+    from tunnel.tun import TunFront
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class Daemon:
                 claimed.release()
 
     def _claim_control(self, path: str) -> "ClaimedSocket | None":
-        from .control import claim
+        from tunnel.daemon.control import claim
 
         try:
             return claim(path)
@@ -130,7 +130,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             device = s.device
             if s.emulate:
-                from .emulator import Emulator, serve_pty
+                from tunnel.emulator import Emulator, serve_pty
 
                 emulator = self.emulator or Emulator(baud=s.baud)
                 assert isinstance(emulator, Emulator)
@@ -140,12 +140,12 @@ class Daemon:
             socks = await nursery.start(_serve_proxy, self.dialer, s)
             self.device, self.socks = device, socks
             if claimed is not None:
-                from .control import serve_control
+                from tunnel.daemon.control import serve_control
 
                 await nursery.start(serve_control, self, claimed)
             if s.tun:
                 # Imported here: pyroute2 costs ~12 MiB of RSS a SOCKS-only daemon need not pay.
-                from .tun import TunFront, TunSettings
+                from tunnel.tun import TunFront, TunSettings
 
                 # Up for the daemon's whole life, like the SOCKS listener: while the modem is
                 # down, connects through the interface are refused after `connect_wait`.

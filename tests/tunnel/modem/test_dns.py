@@ -4,8 +4,8 @@ import pytest
 import trio
 import trio.testing
 
-from tunnel.dns import Resolver
-from tunnel.modem import Modem
+from tunnel.modem.dns import Resolver
+from tunnel.modem.engine import Modem
 from tunnel.uplink import ResolveError
 
 

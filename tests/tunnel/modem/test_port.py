@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tunnel.serialport import SerialPortError, make_raw, open_port
+from tunnel.modem.port import SerialPortError, make_raw, open_port
 
 ALL_BYTES = bytes(range(256)) * 4
 

@@ -9,16 +9,15 @@ from typing import Final
 import trio
 
 from proxy import DialError, ReplyCode
-
-from .at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
-from .dns import Resolver
-from .modem import AnswerTimeout
-from .services import ModemServices, PingReport
-from .sockets import ClientFlowLimit, Slot, SocketPool
-from .stream import RX_BUFFER, ModemSocket
-from .stream import open_tcp as open_modem_tcp
-from .udp import ModemUdpFlow, open_udp
-from .uplink import DnsAnswer, PingReply, ResolveError
+from tunnel.at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
+from tunnel.modem.dns import Resolver
+from tunnel.modem.engine import AnswerTimeout
+from tunnel.modem.ping_ntp import ModemServices, PingReport
+from tunnel.modem.pool import ClientFlowLimit, Slot, SocketPool
+from tunnel.modem.tcp import RX_BUFFER, ModemSocket
+from tunnel.modem.tcp import open_tcp as open_modem_tcp
+from tunnel.modem.udp import ModemUdpFlow, open_udp
+from tunnel.uplink import DnsAnswer, PingReply, ResolveError
 
 log = logging.getLogger(__name__)
 
