@@ -15,7 +15,7 @@ they may hold in `proxy.admission`, the splice in `proxy.splice`, network decisi
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Final, cast
+from typing import Final
 
 import trio
 
@@ -23,7 +23,6 @@ from proxy import udp_relay
 from proxy.acceptor import Acceptor
 from proxy.admission import AuthThrottle, ConnectionTable, IPNetwork, Slot, default_max_connections
 from proxy.auth import Authenticator
-from proxy.dialer import Dialer, DialError, UdpDialer
 from proxy.listen import format_addr, is_loopback, open_listeners, sockname
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import (
@@ -40,7 +39,9 @@ from proxy.socks5 import (
     State,
     UdpAssociateRequest,
 )
-from proxy.splice import RECEIVE_SIZE, arm_reset, serve_connect
+from proxy.splice import arm_reset, reply_for, serve_connect
+from uplink import DialError, Uplink
+from uplink.splice import RECEIVE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ REFUSAL_LINGER: Final = 2.0
 
 
 async def serve_socks5(
-    dialer: Dialer,
+    dialer: Uplink,
     listen: Sequence[tuple[str, int]],
     *,
     users: Mapping[str, str] | None = None,
@@ -123,7 +124,7 @@ async def serve_socks5(
 class _Server:
     def __init__(
         self,
-        dialer: Dialer,
+        dialer: Uplink,
         users: Mapping[str, str],
         table: ConnectionTable,
         throttle: AuthThrottle,
@@ -320,8 +321,7 @@ class _Server:
             await self._refuse(client, conn, peer, dst, ReplyCode.GENERAL_FAILURE, reason)
             return
         try:
-            dialer = cast(UdpDialer, self._dialer)
-            await self._relay_udp(client, conn, peer, request, dialer, slot.key)
+            await self._relay_udp(client, conn, peer, request, self._dialer, slot.key)
         finally:
             self.table.unreserve(slot)
 
@@ -331,13 +331,14 @@ class _Server:
         conn: Socks5Connection,
         peer: str,
         request: UdpAssociateRequest,
-        dialer: UdpDialer,
+        dialer: Uplink,
         source: str,
     ) -> None:
         try:
             flow = await dialer.open_udp(client=source)
         except DialError as exc:
-            await self._refuse(client, conn, peer, _dst(request), exc.reply, exc.reason)
+            code = reply_for(exc.failure)
+            await self._refuse(client, conn, peer, _dst(request), code, exc.reason)
             return
         try:
             success = partial(conn.reply, ReplyCode.SUCCEEDED)

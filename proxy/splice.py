@@ -1,7 +1,8 @@
-"""CONNECT (RFC 1928 §4): the dial, the reply, the two-way splice, and how it closes.
+"""CONNECT (RFC 1928 §4): the dial, the reply, the two-way splice (uplink.Splice), the close.
 
 Two promises to clients: no byte is dropped on a clean close, and a cut flow never looks
 complete: unless the remote side ended with a clean EOF, the client gets a TCP reset, not a FIN.
+A dial failure is the contract's DialFailure, answered with its SOCKS reply (`reply_for`).
 """
 
 import contextlib
@@ -9,21 +10,35 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Final, Literal
+from typing import Final
 
 import trio
 
-from proxy.dialer import Dialer, DialError
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import ConnectRequest, ReplyCode, Socks5Connection
+from uplink import DialError, DialFailure, Splice, Uplink
 
 log = logging.getLogger("proxy.server")  # flow lines belong with the server's
 
-RECEIVE_SIZE: Final = 65536
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER {l_onoff=1, l_linger=0}: close() = RST
 
-Side = Literal["client", "remote"]
 Refuse = Callable[[ReplyCode, str], Awaitable[None]]
+
+# The one place a DialFailure becomes a SOCKS5 reply (RFC 1928 §6).
+REPLY_FOR: Final[dict[DialFailure, ReplyCode]] = {
+    DialFailure.UNREACHABLE: ReplyCode.HOST_UNREACHABLE,
+    DialFailure.BAD_ADDRESS: ReplyCode.HOST_UNREACHABLE,
+    DialFailure.REFUSED: ReplyCode.CONNECTION_REFUSED,
+    DialFailure.NO_FREE_CONNECTION: ReplyCode.GENERAL_FAILURE,
+    DialFailure.NETWORK_DOWN: ReplyCode.NETWORK_UNREACHABLE,
+    DialFailure.TIMEOUT: ReplyCode.TTL_EXPIRED,
+    DialFailure.FAILED: ReplyCode.GENERAL_FAILURE,
+}
+
+
+def reply_for(failure: DialFailure) -> ReplyCode:
+    """The SOCKS5 reply a client hears for a dial that failed with `failure`."""
+    return REPLY_FOR[failure]
 
 
 async def serve_connect(
@@ -31,7 +46,7 @@ async def serve_connect(
     conn: Socks5Connection,
     peer: str,
     request: ConnectRequest,
-    dialer: Dialer,
+    dialer: Uplink,
     refuse: Refuse,
     logs: LogLimiter,
     source: str = "",
@@ -43,7 +58,7 @@ async def serve_connect(
         # RFC 1928 §6: the reply reports the outcome, so it waits for the dial to finish.
         remote = await dialer.open_tcp(request.host, request.port, client=source)
     except DialError as exc:
-        await refuse(exc.reply, exc.reason)
+        await refuse(reply_for(exc.failure), exc.reason)
         return
     except Exception as exc:
         logs.log(
@@ -52,7 +67,7 @@ async def serve_connect(
         )  # fmt: skip
         await refuse(ReplyCode.GENERAL_FAILURE, f"dialer raised {type(exc).__name__}")
         return
-    flow = Flow(client, remote)
+    flow = Splice(client, remote, first=conn.trailing_data, names=("client", "remote"))
     start = trio.current_time()
     opened = False
     conn_id = "-"
@@ -68,7 +83,7 @@ async def serve_connect(
         conn_id = str(getattr(remote, "connect_id", "-"))
         # Not rate-limited: one line per modem connection, and the dialer bounds those.
         log.info("flow open client=%s dst=%s id=%s", peer, dst, conn_id)
-        await flow.splice(conn.trailing_data)
+        await flow.run()
     finally:
         if flow.must_reset:
             arm_reset(client.socket)
@@ -92,73 +107,6 @@ async def serve_connect(
                 trio.current_time() - start,
                 flow.reason,
             )
-
-
-class Flow:
-    """The splice of one CONNECT: client→remote and remote→client, each EOF forwarded."""
-
-    def __init__(self, client: trio.SocketStream, remote: trio.abc.HalfCloseableStream) -> None:
-        self._client = client
-        self._remote = remote
-        self.up = 0
-        self.down = 0
-        self._remote_eof_forwarded = False
-        self.broken: Side | None = None
-        self.reason = "cancelled"
-
-    @property
-    def must_reset(self) -> bool:
-        """Reset the client unless the remote ended cleanly and its EOF reached the client."""
-        return self.broken == "remote" or not self._remote_eof_forwarded
-
-    async def splice(self, trailing: bytes) -> None:
-        """Until both directions reached EOF, or one side broke (then the other is cancelled)."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, True, trailing, nursery.cancel_scope)
-            nursery.start_soon(self._pump, False, b"", nursery.cancel_scope)
-        if self.broken is None:
-            self.reason = "eof"
-
-    async def _pump(self, upstream: bool, data: bytes, scope: trio.CancelScope) -> None:
-        src: trio.abc.HalfCloseableStream = self._client if upstream else self._remote
-        dst: trio.abc.HalfCloseableStream = self._remote if upstream else self._client
-        src_side: Side = "client" if upstream else "remote"
-        dst_side: Side = "remote" if upstream else "client"
-        chunk: bytes | bytearray = data
-        side: Side = dst_side
-        try:
-            while True:
-                if chunk:
-                    side = dst_side
-                    await dst.send_all(chunk)
-                    if upstream:
-                        self.up += len(chunk)
-                    else:
-                        self.down += len(chunk)
-                side = src_side
-                chunk = await src.receive_some(RECEIVE_SIZE)
-                if not chunk:
-                    break
-            side = dst_side
-            await dst.send_eof()
-        except trio.BrokenResourceError as exc:
-            self._break(side, exc, scope)
-            return
-        except Exception as exc:
-            if side == "client":
-                raise  # our socket raising anything else is a bug: crash this handler
-            log.error("remote stream raised error=%r", exc, exc_info=exc)
-            self._break(side, exc, scope)
-            return
-        if not upstream:
-            self._remote_eof_forwarded = True
-
-    def _break(self, side: Side, exc: BaseException, scope: trio.CancelScope) -> None:
-        if self.broken is None:
-            self.broken = side
-            cause = exc.__cause__ or exc
-            self.reason = f"{side}-broken({type(cause).__name__})"
-        scope.cancel()
 
 
 def arm_reset(sock: trio.socket.SocketType) -> None:

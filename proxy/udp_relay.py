@@ -20,17 +20,16 @@ from collections.abc import Callable
 
 import trio
 
-from proxy.dialer import DatagramFlow, DialError, UdpDialer
 from proxy.listen import format_addr, sockname
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import (
     AddressType,
-    ReplyCode,
     Socks5Error,
     UdpAssociateRequest,
     build_udp_datagram,
     parse_udp_datagram,
 )
+from uplink import DialError, DialFailure, ResolveError, UdpFlow, Uplink
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +40,8 @@ async def serve_association(
     client: trio.SocketStream,
     peer: str,
     success: Callable[[str, int], bytes],
-    dialer: UdpDialer,
-    flow: DatagramFlow,
+    dialer: Uplink,
+    flow: UdpFlow,
     request: UdpAssociateRequest,
     logs: LogLimiter,
     source: str = "",
@@ -83,9 +82,9 @@ class Association:
 
     def __init__(
         self,
-        dialer: UdpDialer,
+        dialer: Uplink,
         relay: trio.socket.SocketType,
-        flow: DatagramFlow,
+        flow: UdpFlow,
         client_ip: str,
         request: UdpAssociateRequest,
         logs: LogLimiter,
@@ -140,11 +139,11 @@ class Association:
             host = datagram.host
             try:
                 if datagram.atyp is AddressType.DOMAIN:
-                    host = await self._dialer.resolve_address(host, client=self._source)
+                    host = (await self._dialer.resolve(host, client=self._source)).addresses[0]
                 elif datagram.atyp is AddressType.IPV6:
-                    raise DialError(ReplyCode.HOST_UNREACHABLE, "IPv6 is not carried")
+                    raise DialError(DialFailure.BAD_ADDRESS, "IPv6 is not carried")
                 await self._flow.send(datagram.payload, (host, datagram.port))
-            except (DialError, ValueError) as exc:
+            except (DialError, ResolveError, ValueError) as exc:
                 self._drop("udp-undeliverable", source[0], f"{host}:{datagram.port}", str(exc))
                 continue
             self.up += len(datagram.payload)

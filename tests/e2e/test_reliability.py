@@ -174,7 +174,7 @@ async def test_dns_answers_stay_single_across_context_recoveries(nursery) -> Non
     # Each recovery used to add the resolver's URC routes again: after three, every address
     # came back four times.
     async with start_tunnel(nursery) as t:
-        dialer = t.daemon.dialer
+        dialer = t.daemon.gateway
         with trio.fail_after(60):
             for n in range(3):
                 t.emulator.faults.pdpdeact(1)

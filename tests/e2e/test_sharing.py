@@ -11,8 +11,7 @@ import trio
 
 from tests.e2e.harness import start_tunnel
 from tests.helpers import echo_handler, receive_exactly, serve_and_stay, serve_tcp, socks_connect
-from tunnel.modem.ping_ntp import ServiceError
-from tunnel.uplink import ResolveError
+from uplink import DialError, ResolveError
 
 SUCCEEDED = 0x00
 GENERAL_FAILURE = 0x01
@@ -113,7 +112,7 @@ async def test_a_forgotten_flow_is_closed_after_idle_timeout(nursery) -> None:
 async def test_a_flood_of_lookups_is_bounded_and_others_still_resolve(nursery) -> None:
     # Row 7: random names through UDP associations once meant 21,456 AT+QIDNSGIP in 12 s.
     async with start_tunnel(nursery) as t:
-        dialer = t.daemon.dialer
+        dialer = t.daemon.gateway
         with trio.fail_after(30):
             before = sum(c.startswith("AT+QIDNSGIP") for c in t.emulator.stats.commands)
             failures: list[str] = []
@@ -152,14 +151,14 @@ async def test_a_flood_of_lookups_is_bounded_and_others_still_resolve(nursery) -
 async def test_a_slow_ping_does_not_hold_up_other_pings_longer_than_their_own(nursery) -> None:
     # Row 8: a ping to an unreachable host blocked every other ping (TUN ICMP too) for 15 s.
     async with start_tunnel(nursery) as t:
-        dialer = t.daemon.dialer
+        dialer = t.daemon.gateway
         with trio.fail_after(30):
             async with trio.open_nursery() as pings:
                 # 3 s of timeouts: the host is off the emulator's internet.
                 pings.start_soon(partial(dialer.ping_report, "203.0.113.9", wait=1, count=3))
                 await t.emulator.wait_command("AT+QPING=")
                 started = trio.current_time()
-                with pytest.raises(ServiceError, match="busy"):
+                with pytest.raises(DialError, match="busy"):
                     await dialer.ping("127.0.0.1", wait=1, count=1)
                 waited = trio.current_time() - started
                 assert 0.9 <= waited < 2.0  # its own 1 s budget, not the other's 3 s

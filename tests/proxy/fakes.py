@@ -10,6 +10,7 @@ from functools import partial
 import trio
 
 from proxy import serve_socks5
+from uplink import DnsAnswer
 
 NOAUTH = b"\x05\x01\x00"
 OK_ZERO = b"\x05\x00\x00\x01" + bytes(6)  # SUCCEEDED, BND 0.0.0.0:0
@@ -228,9 +229,9 @@ class FakeUdpDialer:
         self.flows.append(flow)
         return flow
 
-    async def resolve_address(self, name: str, *, client: str = "") -> str:
+    async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         await trio.lowlevel.checkpoint()
-        return "198.18.0.1"
+        return DnsAnswer(("198.18.0.1",), 60)
 
 
 class LogWatch(logging.Handler):

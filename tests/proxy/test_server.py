@@ -12,7 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from proxy import DialError, ReplyCode, serve_socks5
+from proxy import ReplyCode, serve_socks5
+from proxy.splice import REPLY_FOR
 from tests.proxy.fakes import (
     AUTH_GREETING,
     NOAUTH,
@@ -35,6 +36,7 @@ from tests.proxy.fakes import (
     start_proxy,
     start_tcp,
 )
+from uplink import DialError, DialFailure
 
 
 def payload_1mib() -> bytes:
@@ -139,21 +141,23 @@ async def test_trailing_data_after_request_is_forwarded_first(nursery: trio.Nurs
 
 
 @pytest.mark.parametrize(
-    "code",
+    ("failure", "code"),
     [
-        ReplyCode.HOST_UNREACHABLE,
-        ReplyCode.CONNECTION_REFUSED,
-        ReplyCode.GENERAL_FAILURE,
-        ReplyCode.NETWORK_UNREACHABLE,
-        ReplyCode.NOT_ALLOWED,
-        ReplyCode.TTL_EXPIRED,
+        (DialFailure.UNREACHABLE, ReplyCode.HOST_UNREACHABLE),
+        (DialFailure.BAD_ADDRESS, ReplyCode.HOST_UNREACHABLE),
+        (DialFailure.REFUSED, ReplyCode.CONNECTION_REFUSED),
+        (DialFailure.NO_FREE_CONNECTION, ReplyCode.GENERAL_FAILURE),
+        (DialFailure.FAILED, ReplyCode.GENERAL_FAILURE),
+        (DialFailure.NETWORK_DOWN, ReplyCode.NETWORK_UNREACHABLE),
+        (DialFailure.TIMEOUT, ReplyCode.TTL_EXPIRED),
     ],
 )
 async def test_dial_error_reply(
-    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, code: ReplyCode
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, failure: DialFailure, code: ReplyCode
 ) -> None:
     with trio.fail_after(10):
-        proxy = await start_proxy(nursery, FailingDialer(DialError(code, "modem says 565")))
+        dialer = FailingDialer(DialError(failure, "modem says 565"))
+        proxy = await start_proxy(nursery, dialer)
         stream, reply = await handshake(proxy, request(domain("nowhere.invalid"), 80))
         assert reply == refusal(code)
         assert await recv_all(stream) == b""
@@ -177,9 +181,9 @@ async def test_dialer_exception_is_general_failure_and_logged(
     assert "modem on fire" in errors[0].getMessage()
 
 
-def test_dial_error_refuses_success() -> None:
-    with pytest.raises(ValueError, match="SUCCEEDED"):
-        DialError(ReplyCode.SUCCEEDED, "nope")
+def test_every_dial_failure_has_exactly_one_reply() -> None:
+    assert set(REPLY_FOR) == set(DialFailure)
+    assert all(code is not ReplyCode.SUCCEEDED for code in REPLY_FOR.values())
 
 
 @pytest.mark.parametrize("cmd", [2, 3])  # BIND; UDP ASSOCIATE (until the UDP issue lands)

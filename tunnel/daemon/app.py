@@ -30,11 +30,11 @@ from tunnel.daemon.config import Settings
 from tunnel.daemon.supervisor import Supervisor
 from tunnel.modem import context
 from tunnel.modem.engine import Modem, frame_timeout, with_timeout
+from tunnel.modem.gateway import ModemGateway
 from tunnel.modem.ping_ntp import ModemServices
 from tunnel.modem.pool import SharePolicy, SocketPool
 from tunnel.modem.port import SerialPortError, open_port
 from tunnel.modem.startup import Identity, SimError, start_up
-from tunnel.modem.uplink import ModemDialer
 from tunnel.util import single_error
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class Daemon:
     def __init__(self, settings: Settings, *, emulator: object | None = None) -> None:
         """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults)."""
         self.settings = settings
-        self.dialer = ModemDialer(
+        self.gateway = ModemGateway(
             connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer
         )
         self.supervisor = Supervisor()
@@ -137,7 +137,7 @@ class Daemon:
                 self.emulator = emulator
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
-            socks = await nursery.start(_serve_proxy, self.dialer, s)
+            socks = await nursery.start(_serve_proxy, self.gateway, s)
             self.device, self.socks = device, socks
             if claimed is not None:
                 from tunnel.daemon.control import serve_control
@@ -149,7 +149,7 @@ class Daemon:
 
                 # Up for the daemon's whole life, like the SOCKS listener: while the modem is
                 # down, connects through the interface are refused after `connect_wait`.
-                self.tun = TunFront(self.dialer, TunSettings.from_settings(s))
+                self.tun = TunFront(self.gateway, TunSettings.from_settings(s))
                 await nursery.start(self.tun.serve)
             watchdog = sdnotify.watchdog_interval()
             if watchdog is not None:
@@ -237,7 +237,7 @@ class Daemon:
                 await self._reboot(modem, f"{type(exc).__name__}: {exc}")
                 return End.REBOOTED
             finally:
-                self.dialer.set_pool(None)
+                self.gateway.set_pool(None)
                 self.pool = None
             if end is End.HUNG:
                 await self._reboot(modem, "modem stopped answering")
@@ -296,10 +296,10 @@ class Daemon:
             unroute = modem.route(PdpDeactivated, on_pdpdeact)
             try:
                 while True:
-                    self.dialer.set_pool(pool, services)
+                    self.gateway.set_pool(pool, services)
                     self._announce(socks, device, task_status)
                     end = await self._watch(modem, dropped)
-                    self.dialer.set_pool(None)
+                    self.gateway.set_pool(None)
                     if end is not None:
                         if end is End.RESTARTED or end is End.HUNG:
                             await pool.reclaim(end.value, modem_lost_sockets=True)
@@ -430,14 +430,14 @@ class Daemon:
 
 
 async def _serve_proxy(
-    dialer: ModemDialer,
+    gateway: ModemGateway,
     s: Settings,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     allow = [ipaddress.ip_network(cidr) for cidr in s.allow] or None
     await serve_socks5(
-        dialer,
+        gateway,
         list(s.socks),
         users=dict(s.socks_users) or None,
         allow=allow,

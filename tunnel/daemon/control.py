@@ -36,7 +36,7 @@ from tunnel.daemon.control_socket import ClaimedSocket, ControlSocketBusy, Contr
 from tunnel.modem.ping_ntp import ServiceError
 from tunnel.modem.tcp import ModemSocket
 from tunnel.modem.udp import ModemUdpFlow
-from tunnel.uplink import ResolveError
+from uplink import ResolveError
 
 if TYPE_CHECKING:
     from tunnel.daemon.app import Daemon
@@ -195,8 +195,8 @@ class _Handler:
             "modem": await self._modem_status(),
             "flows": self._flows(now),
             "dns": {
-                "lookups": d.dialer.resolver.lookups,
-                "cache_hits": d.dialer.resolver.hits,
+                "lookups": d.gateway.resolver.lookups,
+                "cache_hits": d.gateway.resolver.hits,
             },
             "tun": d.tun.status() if d.tun is not None else None,
         }
@@ -257,7 +257,7 @@ class _Handler:
 
     async def ping(self, request: Request) -> dict[str, Any]:
         host, count, wait = request.text("host"), request.number("count"), request.number("wait")
-        report = await self.daemon.dialer.ping_report(host, wait=wait, count=count)
+        report = await self.daemon.gateway.ping_report(host, wait=wait, count=count)
         summary = report.summary
         assert summary is not None
         return {
@@ -278,11 +278,11 @@ class _Handler:
 
     async def ntp(self, request: Request) -> dict[str, Any]:
         server, port = request.text("server"), request.number("port")
-        return {"server": server, "time": await self.daemon.dialer.ntp(server, port)}
+        return {"server": server, "time": await self.daemon.gateway.ntp(server, port)}
 
     async def resolve(self, request: Request) -> dict[str, Any]:
         name = request.text("name")
-        answer = await self.daemon.dialer.resolve(name)
+        answer = await self.daemon.gateway.resolve(name)
         return {"name": name, "addresses": list(answer.addresses), "ttl": answer.ttl}
 
 

@@ -10,13 +10,13 @@ fronts see. Nothing here imports the daemon, the fronts or the emulator.
 from tunnel.modem.context import ContextError, ContextSettings
 from tunnel.modem.dns import Resolver
 from tunnel.modem.engine import Answer, AnswerTimeout, Modem, Response, frame_timeout, with_timeout
+from tunnel.modem.gateway import ModemGateway
 from tunnel.modem.ping_ntp import ModemServices, PingReport, ServiceError
 from tunnel.modem.pool import ClientFlowLimit, FlowOwner, OpenError, SharePolicy, SocketPool
 from tunnel.modem.port import SerialPortError, open_port
 from tunnel.modem.startup import Identity, SimError, start_up
 from tunnel.modem.tcp import ModemSocket, open_tcp
 from tunnel.modem.udp import ModemUdpFlow, open_udp
-from tunnel.modem.uplink import ModemDialer
 
 __all__ = [
     "Answer",
@@ -27,7 +27,7 @@ __all__ = [
     "FlowOwner",
     "Identity",
     "Modem",
-    "ModemDialer",
+    "ModemGateway",
     "ModemServices",
     "ModemSocket",
     "ModemUdpFlow",

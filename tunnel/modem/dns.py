@@ -25,7 +25,7 @@ from tunnel.at.constants import TIMEOUTS
 from tunnel.at.errors import CommandError, ErrorCode, ModemError
 from tunnel.at.events import DnsAddress, DnsHeader
 from tunnel.modem.engine import Answer, Modem
-from tunnel.uplink import DnsAnswer, ResolveError
+from uplink import DnsAnswer, ResolveError
 
 log = logging.getLogger(__name__)
 

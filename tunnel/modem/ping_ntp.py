@@ -14,8 +14,8 @@ from tunnel.at.constants import TIMEOUTS
 from tunnel.at.errors import CommandError, ModemError
 from tunnel.at.events import NtpResult, PingReply, PingSummary
 from tunnel.modem.engine import Answer, AnswerTimeout, Modem
-from tunnel.uplink import PingReply as Reply
-from tunnel.uplink import ResolveError
+from uplink import PingReply as Reply
+from uplink import ResolveError
 
 log = logging.getLogger(__name__)
 

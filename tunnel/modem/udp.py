@@ -47,7 +47,7 @@ async def open_udp(pool: SocketPool, slot: Slot | None = None) -> "ModemUdpFlow"
 
 
 class ModemUdpFlow:
-    """Satisfies tunnel.uplink.UdpFlow and tunnel.sockets.FlowOwner."""
+    """Satisfies uplink.UdpFlow and tunnel.sockets.FlowOwner."""
 
     def __init__(self, pool: SocketPool, slot: Slot, local_port: int) -> None:
         self._pool = pool

@@ -26,7 +26,7 @@ import trio
 from tunnel.tun.packet import build_udp
 from tunnel.tun.ratelimit import LogLimiter
 from tunnel.tun.settings import Counters
-from tunnel.uplink import DnsAnswer, ResolveError, Uplink
+from uplink import DnsAnswer, ResolveError, Uplink
 
 log = logging.getLogger(__name__)
 

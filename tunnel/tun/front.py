@@ -45,7 +45,7 @@ from tunnel.tun.settings import Counters, TunSettings
 from tunnel.tun.sources import AddressWatcher, SourceFilter
 from tunnel.tun.splice import TcpSplicer
 from tunnel.tun.udp_relay import UdpRelay
-from tunnel.uplink import Uplink
+from uplink import Uplink
 
 log = logging.getLogger(__name__)
 

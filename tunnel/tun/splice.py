@@ -20,37 +20,18 @@ from typing import Final
 
 import trio
 
-from proxy import DialError, ReplyCode
 from tunnel.tun.nat import Entry, State, TcpNat
-from tunnel.tun.packet import UNREACH_HOST, UNREACH_NET, icmp_error, tcp_reset
+from tunnel.tun.packet import tcp_reset
 from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.refusal import tcp_refusal
 from tunnel.tun.settings import Counters, TunSettings
-from tunnel.uplink import Uplink
+from uplink import DialError, DialFailure, Splice, Uplink
 
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE: Final = 65536
 CLOSE_LIMIT: Final = 10.0  # seconds for a modem flow's close (AT+QICLOSE's limit, DESIGN.md)
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)
-
-# What the application hears when the modem could not open its connection. A reset is
-# "connection refused" at once. ICMP unreachable also aborts a connect() in SYN_SENT at once on
-# Linux (tcp_v4_err), and says why: ENETUNREACH while the cellular network is down,
-# EHOSTUNREACH when the host could not be reached or the modem timed out. "All connections
-# busy" (GENERAL_FAILURE) is a local refusal: a reset.
-_ICMP_FOR: Final[dict[ReplyCode, int]] = {
-    ReplyCode.NETWORK_UNREACHABLE: UNREACH_NET,
-    ReplyCode.HOST_UNREACHABLE: UNREACH_HOST,
-    ReplyCode.TTL_EXPIRED: UNREACH_HOST,
-}
-
-
-def refusal(syn: bytes, reply: ReplyCode, router: bytes) -> bytes | None:
-    """The packet answering a held SYN whose dial failed with `reply` (ICMP from `router`)."""
-    code = _ICMP_FOR.get(reply)
-    if code is None:
-        return tcp_reset(syn)
-    return icmp_error(syn, router, 3, code)
 
 
 class Flow:
@@ -129,7 +110,7 @@ class TcpSplicer:
             with flow.opening:
                 remote = await self.uplink.open_tcp(host, port, client=src_host)
         except DialError as exc:
-            self._refuse(entry, exc.reply, src, dst)
+            self._refuse(entry, exc.failure, src, dst)
             return
         except Exception as exc:
             # Outside the Uplink contract: a bug. Refuse this connection and say so, but keep
@@ -159,8 +140,7 @@ class TcpSplicer:
             if flow.gone.is_set():
                 self.limit(logging.DEBUG, "tun connect abandoned src=%s dst=%s", src, dst)
             else:
-                # As the dialer maps a QIOPEN timeout: the application hears "host unreachable".
-                self._refuse(entry, ReplyCode.TTL_EXPIRED, src, dst)
+                self._refuse(entry, DialFailure.TIMEOUT, src, dst)
             return
         self.counters.tcp_opened += 1
         try:
@@ -178,14 +158,22 @@ class TcpSplicer:
                 self.nat.expire(entry)
                 self.reap()
 
-    def _refuse(self, entry: Entry, reply: ReplyCode, src: str, dst: str) -> None:
+    def _refuse(self, entry: Entry, failure: DialFailure, src: str, dst: str) -> None:
         self.counters.tcp_refused += 1
         self.nat.open_failed(entry)
         self.reap()
-        answer = refusal(entry.held_syn, reply, self.settings.peer_bytes)
+        answer = tcp_refusal(entry.held_syn, failure, self.settings.peer_bytes)
         if answer is not None:
             self.write(answer)
-        self.limit(logging.INFO, "tun connect refused src=%s dst=%s reply=%s", src, dst, reply.name)
+        self.limit(
+            logging.INFO, "tun connect refused src=%s dst=%s reason=%s", src, dst, failure.name
+        )
+
+    def _count(self, upstream: bool, n: int) -> None:
+        if upstream:
+            self.counters.bytes_up += n
+        else:
+            self.counters.bytes_down += n
 
     async def _serve(
         self, flow: Flow, remote: trio.abc.HalfCloseableStream, src: str, dst: str
@@ -211,7 +199,9 @@ class TcpSplicer:
             self.reap()
             return False
         log.debug("tun flow open src=%s dst=%s nat=%d", src, dst, entry.nat_port)
-        splice = _Splice(trio.SocketStream(sock), remote, self.counters)
+        splice = Splice(
+            trio.SocketStream(sock), remote, count=self._count, names=("application", "modem")
+        )
         try:
             await splice.run()
         finally:
@@ -229,66 +219,6 @@ class TcpSplicer:
             splice.reason,
         )
         return True
-
-
-class _Splice:
-    """Socket <-> modem flow, both directions, each EOF forwarded."""
-
-    def __init__(
-        self,
-        app: trio.SocketStream,
-        remote: trio.abc.HalfCloseableStream,
-        counters: Counters,
-    ) -> None:
-        self.app = app
-        self.remote = remote
-        self.counters = counters
-        self.up = 0
-        self.down = 0
-        self.broken = False
-        self.remote_eof_forwarded = False
-        self.reason = "cancelled"
-
-    @property
-    def must_reset(self) -> bool:
-        """Reset the application unless the remote ended cleanly and its EOF got through, so a
-        cut flow never looks complete."""
-        return self.broken or not self.remote_eof_forwarded
-
-    async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, True, nursery.cancel_scope)
-            nursery.start_soon(self._pump, False, nursery.cancel_scope)
-        if not self.broken:
-            self.reason = "eof"
-
-    async def _pump(self, upstream: bool, scope: trio.CancelScope) -> None:
-        src: trio.abc.HalfCloseableStream = self.app if upstream else self.remote
-        dst: trio.abc.HalfCloseableStream = self.remote if upstream else self.app
-        counters = self.counters
-        src_side, dst_side = ("application", "modem") if upstream else ("modem", "application")
-        side = src_side
-        try:
-            while chunk := await src.receive_some(RECEIVE_SIZE):
-                side = dst_side
-                await dst.send_all(chunk)
-                side = src_side
-                if upstream:
-                    self.up += len(chunk)
-                    counters.bytes_up += len(chunk)
-                else:
-                    self.down += len(chunk)
-                    counters.bytes_down += len(chunk)
-            side = dst_side
-            await dst.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if not self.broken:
-                self.broken = True
-                self.reason = f"broken({side}: {type(exc.__cause__ or exc).__name__})"
-            scope.cancel()
-            return
-        if not upstream:
-            self.remote_eof_forwarded = True
 
 
 async def _aclose(remote: trio.abc.HalfCloseableStream, dst: str) -> None:

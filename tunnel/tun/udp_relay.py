@@ -18,17 +18,14 @@ from typing import Final
 
 import trio
 
-from proxy import DialError, ReplyCode
 from tunnel.tun.packet import (
-    UNREACH_HOST,
-    UNREACH_NET,
-    UNREACH_PORT,
     build_udp,
     icmp_error,
 )
 from tunnel.tun.ratelimit import LogLimiter
+from tunnel.tun.refusal import udp_unreachable
 from tunnel.tun.settings import Counters, TunSettings
-from tunnel.uplink import UdpFlow, Uplink
+from uplink import DialError, UdpFlow, Uplink
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +33,6 @@ MODEM_DATAGRAM_MAX: Final = 1460  # AT+QISEND on UDP SERVICE
 QUEUE: Final = 64  # datagrams waiting for one flow's AT+QISEND
 
 Endpoint = tuple[bytes, int]  # application address (4 bytes) and port
-
-
-def _unreach_code(reply: ReplyCode) -> int:
-    if reply is ReplyCode.NETWORK_UNREACHABLE:
-        return UNREACH_NET
-    if reply is ReplyCode.CONNECTION_REFUSED:
-        return UNREACH_PORT
-    return UNREACH_HOST
 
 
 class _Mapping:
@@ -121,10 +110,10 @@ class UdpRelay:
                     flow = await self.uplink.open_udp(client=source)
                 except DialError as exc:
                     self.limit(
-                        logging.INFO, "tun udp flow refused src=%s reply=%s", who, exc.reply.name
+                        logging.INFO, "tun udp flow refused src=%s reason=%s", who, exc.failure.name
                     )
                     answer = icmp_error(
-                        mapping.first, self.settings.peer_bytes, 3, _unreach_code(exc.reply)
+                        mapping.first, self.settings.peer_bytes, 3, udp_unreachable(exc.failure)
                     )
                     if answer is not None:
                         self.write(answer)

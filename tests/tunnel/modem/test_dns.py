@@ -6,7 +6,7 @@ import trio.testing
 
 from tunnel.modem.dns import Resolver
 from tunnel.modem.engine import Modem
-from tunnel.uplink import ResolveError
+from uplink import ResolveError
 
 
 class DnsModem:

@@ -10,8 +10,7 @@ from typing import Final
 
 import trio
 
-from proxy import DialError, ReplyCode
-from tunnel.uplink import DnsAnswer, PingReply, ResolveError
+from uplink import DialError, DialFailure, DnsAnswer, PingReply, ResolveError
 
 TEST_NET: Final = ipaddress.ip_network("198.18.0.0/15")
 TEST_ADDRESS: Final = "198.18.0.1"
@@ -60,7 +59,7 @@ class HostUdpFlow:
 
 
 class HostUplink:
-    """Satisfies tunnel.uplink.Uplink. `down` makes every open wait a moment and fail with
+    """Satisfies uplink.Uplink. `down` makes every open wait a moment and fail with
     NETWORK_UNREACHABLE, as the modem dialer does while the network is down; `gate`, when set,
     holds every TCP open until it is set (to see the application's SYN held). `pending` counts
     the TCP opens under way (`max_pending` the most at once, `cancelled` those cancelled), as the
@@ -109,15 +108,15 @@ class HostUplink:
             await self.gate.wait()
         if self.down:
             await trio.lowlevel.checkpoint()
-            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+            raise DialError(DialFailure.NETWORK_DOWN, "cellular network down")
         real = host_address(host)
         if real is None:
             await trio.lowlevel.checkpoint()
-            raise DialError(ReplyCode.CONNECTION_REFUSED, f"{host} is off the test internet")
+            raise DialError(DialFailure.REFUSED, f"{host} is off the test internet")
         try:
             return await trio.open_tcp_stream(real, port)
         except OSError as exc:
-            raise DialError(ReplyCode.CONNECTION_REFUSED, str(exc)) from exc
+            raise DialError(DialFailure.REFUSED, str(exc)) from exc
 
     async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         self.resolves.append(name)
@@ -132,7 +131,7 @@ class HostUplink:
     async def open_udp(self, *, client: str = "") -> HostUdpFlow:
         if self.down:
             await trio.lowlevel.checkpoint()
-            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+            raise DialError(DialFailure.NETWORK_DOWN, "cellular network down")
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
         await sock.bind((LOOPBACK, 0))
         flow = HostUdpFlow(sock)

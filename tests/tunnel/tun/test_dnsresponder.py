@@ -15,7 +15,7 @@ from tunnel.tun.dnsresponder import (
     plan,
     response,
 )
-from tunnel.uplink import DnsAnswer
+from uplink import DnsAnswer
 
 labels = st.lists(st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True), min_size=1, max_size=5)
 

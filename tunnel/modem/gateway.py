@@ -1,6 +1,8 @@
-"""The proxy's Dialer, backed by the modem's socket pool; modem errors become SOCKS replies.
+"""The modem as the fronts see it: `uplink.Uplink` over the connectID pool, DNS and ping.
 
-`reply_for` is the one place that maps a dial failure to an RFC 1928 reply code.
+`failure_for` is the one place a modem error becomes a `uplink.DialFailure` (each front then maps
+that once to its own answer). Without a pool (network down) a request waits `connect_wait` for
+the network to come back, then fails with NETWORK_DOWN: it never hangs.
 """
 
 import logging
@@ -8,7 +10,6 @@ from typing import Final
 
 import trio
 
-from proxy import DialError, ReplyCode
 from tunnel.at.errors import CommandError, CommandTimeout, ErrorCode, ModemError, ModemGone
 from tunnel.modem.dns import Resolver
 from tunnel.modem.engine import AnswerTimeout
@@ -17,46 +18,39 @@ from tunnel.modem.pool import ClientFlowLimit, Slot, SocketPool
 from tunnel.modem.tcp import RX_BUFFER, ModemSocket
 from tunnel.modem.tcp import open_tcp as open_modem_tcp
 from tunnel.modem.udp import ModemUdpFlow, open_udp
-from tunnel.uplink import DnsAnswer, PingReply, ResolveError
+from uplink import DialError, DialFailure, DnsAnswer, PingReply
 
 log = logging.getLogger(__name__)
 
-_BY_CODE: Final[dict[int, ReplyCode]] = {
-    ErrorCode.DNS_PARSE_FAILED: ReplyCode.HOST_UNREACHABLE,
-    ErrorCode.DNS_BUSY: ReplyCode.HOST_UNREACHABLE,
-    ErrorCode.INVALID_IP_ADDRESS: ReplyCode.HOST_UNREACHABLE,
-    ErrorCode.OPEN_FAILED: ReplyCode.CONNECTION_REFUSED,
-    ErrorCode.CONNECTION_CLOSED: ReplyCode.CONNECTION_REFUSED,
-    ErrorCode.TIMEOUT: ReplyCode.TTL_EXPIRED,
-    ErrorCode.PDP_ACTIVATION_FAILED: ReplyCode.NETWORK_UNREACHABLE,
-    ErrorCode.PDP_ACTIVATING: ReplyCode.NETWORK_UNREACHABLE,
+# Chapter 3 codes an open or lookup can fail with, in the contract's terms.
+_BY_CODE: Final[dict[int, DialFailure]] = {
+    ErrorCode.DNS_PARSE_FAILED: DialFailure.UNREACHABLE,
+    ErrorCode.DNS_BUSY: DialFailure.UNREACHABLE,
+    ErrorCode.INVALID_IP_ADDRESS: DialFailure.UNREACHABLE,
+    ErrorCode.OPEN_FAILED: DialFailure.REFUSED,
+    ErrorCode.CONNECTION_CLOSED: DialFailure.REFUSED,
+    ErrorCode.TIMEOUT: DialFailure.TIMEOUT,
+    ErrorCode.PDP_ACTIVATION_FAILED: DialFailure.NETWORK_DOWN,
+    ErrorCode.PDP_ACTIVATING: DialFailure.NETWORK_DOWN,
 }
 
 
-class NetworkDown(ModemError):
-    """No active context right now (recovering from pdpdeact, rebooting, starting)."""
-
-
-def reply_for(exc: BaseException) -> ReplyCode:
-    """The SOCKS5 reply for a failed dial."""
+def failure_for(exc: BaseException) -> DialFailure:
+    """The contract's DialFailure for a failed open."""
     if isinstance(exc, ValueError):
-        # A host no modem could accept ("quote", "comma", CR, LF...): unreachable by name.
-        return ReplyCode.HOST_UNREACHABLE
-    if isinstance(exc, NetworkDown | ModemGone):
-        return ReplyCode.NETWORK_UNREACHABLE
+        # A host no modem could accept ("quote", "comma", CR, LF...): refused before sending.
+        return DialFailure.BAD_ADDRESS
+    if isinstance(exc, ModemGone):
+        return DialFailure.NETWORK_DOWN
     if isinstance(exc, CommandTimeout | AnswerTimeout | trio.TooSlowError):
-        return ReplyCode.TTL_EXPIRED
+        return DialFailure.TIMEOUT
     if isinstance(exc, CommandError) and exc.code is not None:
-        return _BY_CODE.get(exc.code, ReplyCode.GENERAL_FAILURE)
-    return ReplyCode.GENERAL_FAILURE
+        return _BY_CODE.get(exc.code, DialFailure.FAILED)
+    return DialFailure.FAILED
 
 
-class ModemDialer:
-    """The modem as the fronts see it (proxy.Dialer, proxy.UdpDialer, tunnel.uplink.Uplink).
-
-    Without a pool (network down) a request waits `connect_wait` for the network to come
-    back, then fails (NETWORK_UNREACHABLE): it never hangs.
-    """
+class ModemGateway:
+    """Satisfies uplink.Uplink; the daemon also asks it for ping reports and NTP."""
 
     def __init__(
         self,
@@ -90,22 +84,22 @@ class ModemDialer:
             await self._available.wait()
         pool = self.pool
         if pool is None:
-            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+            raise DialError(DialFailure.NETWORK_DOWN, "cellular network down")
         # A network back just at the deadline still gets its free connectID.
         with trio.move_on_at(max(deadline, trio.current_time() + 0.1)) as waited:
             try:
                 slot = await pool.reserve(client)
             except ClientFlowLimit as exc:
-                raise DialError(ReplyCode.GENERAL_FAILURE, str(exc)) from None
+                raise DialError(DialFailure.NO_FREE_CONNECTION, str(exc)) from None
         if waited.cancelled_caught:
             raise DialError(
-                ReplyCode.GENERAL_FAILURE,
+                DialFailure.NO_FREE_CONNECTION,
                 f"all modem connections busy for {self.connect_wait:g} s",
             )
         if self.pool is not pool:
             # The network went down while we waited for a connectID.
             pool.unreserve(slot)
-            raise DialError(ReplyCode.NETWORK_UNREACHABLE, "cellular network down")
+            raise DialError(DialFailure.NETWORK_DOWN, "cellular network down")
         return pool, slot
 
     async def open_tcp(
@@ -118,7 +112,7 @@ class ModemDialer:
                 pool, host, port, slot, rx_buffer=self.flow_buffer
             )
         except (ModemError, ValueError, trio.TooSlowError) as exc:
-            raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
+            raise DialError(failure_for(exc), f"{type(exc).__name__}: {exc}") from exc
         return sock
 
     async def open_udp(self, *, client: str = "") -> ModemUdpFlow:
@@ -126,19 +120,12 @@ class ModemDialer:
         try:
             return await open_udp(pool, slot)
         except (ModemError, trio.TooSlowError) as exc:
-            raise DialError(reply_for(exc), f"{type(exc).__name__}: {exc}") from exc
+            raise DialError(failure_for(exc), f"{type(exc).__name__}: {exc}") from exc
 
     async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         with trio.move_on_after(self.connect_wait):
             await self._available.wait()
         return await self.resolver.resolve(name, client)
-
-    async def resolve_address(self, name: str, *, client: str = "") -> str:
-        try:
-            return (await self.resolve(name, client=client)).addresses[0]
-        except ResolveError as exc:
-            reply = ReplyCode.HOST_UNREACHABLE if exc.not_found else ReplyCode.GENERAL_FAILURE
-            raise DialError(reply, str(exc)) from None
 
     async def _services(self) -> ModemServices:
         with trio.move_on_after(self.connect_wait):
@@ -152,7 +139,13 @@ class ModemDialer:
         return await (await self._services()).ping(host, wait=wait, count=count)
 
     async def ping(self, host: str, *, wait: int = 1, count: int = 1) -> list[PingReply | None]:
-        return (await self.ping_report(host, wait=wait, count=count)).replies
+        """uplink.Uplink.ping: a modem that cannot ping is a DialError, as the contract says."""
+        try:
+            return (await self.ping_report(host, wait=wait, count=count)).replies
+        except ModemGone as exc:
+            raise DialError(DialFailure.NETWORK_DOWN, str(exc)) from exc
+        except ModemError as exc:
+            raise DialError(DialFailure.FAILED, str(exc)) from exc
 
     async def ntp(self, server: str, port: int = 123) -> str:
         return await (await self._services()).ntp(server, port)

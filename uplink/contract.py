@@ -1,0 +1,100 @@
+"""The one contract between the fronts (proxy/, tunnel/tun/) and whatever reaches the network.
+
+The fronts need four things: open a TCP flow, open a UDP flow, resolve a name, ping. The modem
+gateway (tunnel.modem.gateway) provides them over the UC20; tests provide them over host sockets.
+A failure is one `DialFailure`, neutral: each front maps it once to its own answer (proxy: a
+SOCKS reply code; tunnel.tun: a TCP reset or an ICMP unreachable). This package imports neither
+front nor the driver, so neither front imports the other or reaches into the driver.
+"""
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+
+class DialFailure(enum.Enum):
+    """Why a flow could not be opened, in the terms both fronts understand."""
+
+    UNREACHABLE = "host unreachable"  # the name does not resolve, the address is unreachable
+    REFUSED = "connection refused"  # the far end refused or closed at once
+    NO_FREE_CONNECTION = "no free connection"  # every modem connection busy, or the client's share
+    NETWORK_DOWN = "network down"  # no cellular data right now (no context, modem restarting)
+    TIMEOUT = "timed out"  # the open did not finish in time
+    BAD_ADDRESS = "bad address"  # a destination the modem cannot take (IPv6, forbidden chars)
+    FAILED = "failed"  # anything else the network side reported
+
+
+class DialError(Exception):
+    """A dial failed: `failure` is what the client should hear; `reason` goes to the log only."""
+
+    def __init__(self, failure: DialFailure, reason: str) -> None:
+        self.failure = DialFailure(failure)
+        self.reason = reason
+        super().__init__(f"{self.failure.name}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    addresses: tuple[str, ...]  # IPv4 dotted quads, in the network's order
+    ttl: int  # seconds the answer may be cached
+
+
+class ResolveError(Exception):
+    """A name did not resolve. `not_found` means NXDOMAIN (565, DNS parse failed); otherwise the
+    lookup itself failed (SERVFAIL): network down, busy, rate-limited, timed out."""
+
+    def __init__(self, name: str, reason: str, *, not_found: bool) -> None:
+        self.name = name
+        self.reason = reason
+        self.not_found = not_found
+        super().__init__(f"{name}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply:
+    address: str
+    time_ms: int
+    ttl: int
+
+
+class UdpFlow(Protocol):
+    """One UDP socket on the far side: datagrams to and from any (IPv4 address, port)."""
+
+    async def send(self, data: bytes, remote: tuple[str, int]) -> None:
+        """Send one datagram (at most 1460 bytes: longer raises ValueError)."""
+        ...
+
+    async def receive(self) -> tuple[bytes, tuple[str, int]]:
+        """The next datagram and its sender. trio.BrokenResourceError when the flow died."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class Uplink(Protocol):
+    """What the fronts use. `client` names who asks (an address, or an IPv6 /64): the unit the
+    uplink shares its scarce connections and lookups fairly by."""
+
+    async def open_tcp(
+        self, host: str, port: int, *, client: str = ""
+    ) -> trio.abc.HalfCloseableStream:
+        """A connected stream to `host`:`port` (an IPv4 literal or a name, resolved far side),
+        or DialError. The stream may carry `bound_address: tuple[str, int] | None` and
+        `connect_id` for the fronts' replies and logs; it raises trio's stream errors
+        (BrokenResourceError when the network side fails)."""
+        ...
+
+    async def open_udp(self, *, client: str = "") -> UdpFlow:
+        """A new UDP flow, or DialError."""
+        ...
+
+    async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
+        """IPv4 addresses for `name` (cached within their TTL), or ResolveError."""
+        ...
+
+    async def ping(self, host: str, *, wait: int = 1, count: int = 1) -> list[PingReply | None]:
+        """One entry per echo request (`wait` seconds each), None for no reply; ResolveError for
+        a bad name; DialError(NETWORK_DOWN or FAILED) when no ping can be sent."""
+        ...
