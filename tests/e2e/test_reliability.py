@@ -24,6 +24,7 @@ from tests.helpers import (
 )
 from tunnel.daemon.app import Daemon
 from tunnel.daemon.config import Settings
+from tunnel.daemon.lifecycle import Phase
 from tunnel.emulator import Emulator, serve_pty
 
 MiB = 1024 * 1024
@@ -410,7 +411,7 @@ async def test_rejected_pin_is_never_retried(nursery) -> None:
         await trio.testing.wait_all_tasks_blocked()
     entered = [c for c in emulator.stats.commands if c.startswith("AT+CPIN=")]
     assert entered == ['AT+CPIN="1234"']
-    assert daemon.supervisor.state == "sim-error"
-    assert "not retrying" in daemon.problem
+    assert daemon.phase is Phase.SIM_BLOCKED
+    assert "not retrying" in daemon.status().problem
     assert emulator.faults.pin_tries_left == 2  # one wrong try used, two left for a human
     daemon.stop()

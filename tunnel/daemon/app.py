@@ -1,50 +1,46 @@
-"""The daemon: SOCKS5 server plus a supervised modem session, under one nursery.
+"""The daemon: the fronts (SOCKS5, TUN), the control socket and the modem's lifecycle, under one
+nursery for the daemon's whole life.
 
-The SOCKS listener stays up for the daemon's whole life; while the modem is down, requests wait
-`connect_wait` and then get "network unreachable". A modem session opens the port, starts the
-modem, brings the PDP context up and serves until something breaks:
-- `pdpdeact` (or a context found dead by the idle probe): flows reset, connectIDs closed,
-  the context recovered in place (context.recover);
-- `RDY` (the modem restarted on its own) or the port vanishing: flows reset, a new session;
-- a command past its manual limit, or start-up failing: the modem is rebooted following the
-  manual's restart schedule (supervisor.py), with AT+CFUN=1,1 or the configured reset_command;
-- a SIM problem: reported and left alone (a PIN is never retried).
+The SOCKS listener (and the TUN interface) stay up throughout; while the modem is down, requests
+wait `connect_wait` and then get "network unreachable". The modem's life is
+`tunnel.daemon.lifecycle` (the table) run by `tunnel.daemon.runner` (the I/O). Everything that
+reports on the daemon — `healthy()` for the systemd watchdog, the STATUS= line, the control
+socket's `status` — reads one frozen `Status` snapshot from `status()`.
 Stopping (SIGTERM/SIGINT via `Daemon.stop`) closes every flow, deactivates the context, returns.
 """
 
-import enum
 import ipaddress
 import logging
-import shlex
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from proxy import serve_socks5
 from tunnel.at import commands as at
-from tunnel.at.errors import CommandError, ModemError, ModemGone
-from tunnel.at.events import PdpDeactivated
+from tunnel.at.errors import CommandError, ModemError
 from tunnel.daemon import sdnotify
 from tunnel.daemon.config import Settings
+from tunnel.daemon.lifecycle import (
+    Phase,
+    RestartView,
+    Status,
+    Transition,
+    healthy,
+    status_line,
+)
+from tunnel.daemon.runner import ModemRunner, PortOpener
 from tunnel.daemon.supervisor import Supervisor
-from tunnel.modem import context
-from tunnel.modem.engine import Modem, frame_timeout, with_timeout
+from tunnel.modem.engine import Modem
 from tunnel.modem.gateway import ModemGateway
-from tunnel.modem.ping_ntp import ModemServices
-from tunnel.modem.pool import SharePolicy, SocketPool
-from tunnel.modem.port import SerialPortError, open_port
-from tunnel.modem.startup import Identity, SimError, start_up
-from tunnel.util import single_error
+from tunnel.modem.pool import SocketPool
 
 if TYPE_CHECKING:
     from tunnel.daemon.control import ClaimedSocket
     from tunnel.tun import TunFront
 
 log = logging.getLogger(__name__)
-
-DEFAULT_BAUD = 115200
-PORT_POLL = 1.0  # seconds between looks for a vanished device path
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,49 +52,70 @@ class Serving:
     device: str
 
 
-class End(enum.Enum):
-    """Why a modem session ended."""
+@dataclass(frozen=True, slots=True)
+class Radio:
+    """What the modem says about the network now (asked on demand: `Daemon.radio()`)."""
 
-    STOP = "stop requested"
-    RESTARTED = "modem restarted (RDY)"
-    GONE = "port closed"
-    HUNG = "modem stopped answering"
-    REBOOTED = "modem rebooted after a failure"
+    rssi: int | None
+    dbm: int | None
+    operator: str | None
+    registration: int | None
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, emulator: object | None = None) -> None:
-        """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults)."""
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        emulator: object | None = None,
+        opener: PortOpener | None = None,
+    ) -> None:
+        """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults);
+        `opener(device)`: how the modem's port is opened (tests pass a scripted modem)."""
         self.settings = settings
         self.gateway = ModemGateway(
             connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer
         )
-        self.supervisor = Supervisor()
-        self.modem: Modem | None = None
-        self.pool: SocketPool | None = None
         self.emulator: object | None = emulator
-        self.ip = ""
         self.device = settings.device
         self.socks: list[tuple[str, int]] = []
-        self.identity: Identity | None = None
-        self.problem = ""  # a condition that needs a human (SIM)
-        self.signal_dbm: int | None = None
-        self.needs_human = trio.Event()
-        self.sessions = 0
         self.tun: TunFront | None = None
+        self.needs_human = trio.Event()
+        self.started_wall = time.time()
+        self._opener = opener
+        self._runner: ModemRunner | None = None
         self._stop = trio.Event()
         self._announced = False
-        # Start-up can take minutes (registration, QIACT): a stop request cuts it short.
-        self._startup_scope: trio.CancelScope | None = None
+        self._task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
+        self._transition = trio.Event()  # set and replaced at every lifecycle transition
 
     def stop(self) -> None:
         self._stop.set()
-        if self._startup_scope is not None:
-            self._startup_scope.cancel()
+        if self._runner is not None:
+            self._runner.stop()
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
+
+    # Read-only views for tests and benchmarks; reporting code uses status().
+
+    @property
+    def modem(self) -> Modem | None:
+        return self._runner.modem if self._runner is not None else None
+
+    @property
+    def pool(self) -> SocketPool | None:
+        return self._runner.pool if self._runner is not None else None
+
+    @property
+    def supervisor(self) -> Supervisor:
+        assert self._runner is not None, "the daemon has not started"
+        return self._runner.supervisor
+
+    @property
+    def phase(self) -> Phase:
+        return self._runner.phase if self._runner is not None else Phase.OPENING_PORT
 
     async def run(
         self, *, task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
@@ -127,6 +144,7 @@ class Daemon:
         self, claimed: "ClaimedSocket | None", task_status: trio.TaskStatus[Serving]
     ) -> None:
         s = self.settings
+        self._task_status = task_status
         async with trio.open_nursery() as nursery:
             device = s.device
             if s.emulate:
@@ -137,8 +155,12 @@ class Daemon:
                 self.emulator = emulator
                 device = await nursery.start(serve_pty, emulator, None)
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
-            socks = await nursery.start(_serve_proxy, self.gateway, s)
-            self.device, self.socks = device, socks
+            self.socks = await nursery.start(_serve_proxy, self.gateway, s)
+            self.device = device
+            self._runner = ModemRunner(s, device, self.gateway, self._serving, opener=self._opener)
+            self._runner.lifecycle.on_change = self._changed
+            if self._stop.is_set():
+                self._runner.stop()
             if claimed is not None:
                 from tunnel.daemon.control import serve_control
 
@@ -154,20 +176,127 @@ class Daemon:
             watchdog = sdnotify.watchdog_interval()
             if watchdog is not None:
                 nursery.start_soon(self._watchdog, watchdog)
-            await self._supervise(device, socks, task_status)
+            await self._runner.run()
+            sdnotify.notify("STOPPING=1")
             nursery.cancel_scope.cancel()
 
+    # --- reporting -------------------------------------------------------------------------
+
+    def status(self) -> Status:
+        """The snapshot every report reads."""
+        runner = self._runner
+        now = trio.current_time()
+        socks = tuple(_hostport(h, p) for h, p in self.socks)
+        if runner is None:
+            return Status(
+                Phase.OPENING_PORT, 0.0, "", "", self.device, self.settings.emulate, "", "", "",
+                None, False, None, socks, (), 0, None,
+            )  # fmt: skip
+        sup = runner.supervisor
+        modem = runner.modem
+        pool = runner.pool
+        identity = runner.identity
+        life = runner.lifecycle
+        stats = modem.stats if modem is not None else None
+        return Status(
+            phase=life.phase,
+            since=round(now - life.since, 1),
+            cause=life.cause.value if life.cause is not None else "",
+            problem=runner.problem,
+            device=self.device,
+            emulated=self.settings.emulate,
+            ip=runner.ip,
+            model=identity.model if identity else "",
+            revision=identity.revision if identity else "",
+            signal_dbm=runner.signal_dbm,
+            modem_available=modem is not None and modem.alive,
+            quiet_for=(now - modem.last_answer) if modem is not None and modem.alive else None,
+            socks=socks,
+            flows=pool.flow_views(now) if pool is not None else (),
+            consecutive_failures=sup.failures,
+            next_restart_in=(
+                None if sup.next_restart_at is None else round(sup.next_restart_at - now, 1)
+            ),
+            restarts=tuple(RestartView(r.wall, r.attempt, r.reason) for r in sup.history[-10:]),
+            sessions=runner.sessions,
+            modem_stats=(
+                {
+                    "bytes_in": stats.bytes_in,
+                    "bytes_out": stats.bytes_out,
+                    "commands": stats.commands,
+                    "timeouts": stats.timeouts,
+                    "garbage_lines": stats.garbage_lines,
+                    "restarts_seen": stats.reboots_seen,
+                }
+                if stats is not None
+                else {}
+            ),
+        )
+
     def healthy(self) -> bool:
-        """False when the supervision looks wedged: serving (or starting) yet nothing heard
-        from the modem for longer than any command, probe or recovery step may take."""
-        if self.supervisor.state in ("backoff", "sim-error", "restarting"):
-            return True  # waiting on purpose; the state is in STATUS=
-        modem = self.modem
-        if modem is None or not modem.alive:
-            return True  # waiting for the device to (re)appear
+        """False when the supervision looks wedged (see lifecycle.healthy)."""
         s = self.settings
         quiet_limit = max(s.probe_interval + s.probe_timeout, 150.0) + 60.0
-        return trio.current_time() - modem.last_answer < quiet_limit
+        return healthy(self.status(), quiet_limit)
+
+    def status_line(self) -> str:
+        return status_line(self.status())
+
+    def dns_stats(self) -> dict[str, int]:
+        resolver = self.gateway.resolver
+        return {"lookups": resolver.lookups, "cache_hits": resolver.hits}
+
+    def tun_status(self) -> dict[str, Any] | None:
+        return self.tun.status() if self.tun is not None else None
+
+    async def radio(self) -> Radio | None:
+        """Signal, operator and registration, asked of the modem now (None: no modem)."""
+        modem = self.modem
+        if modem is None or not modem.alive:
+            return None
+        values: list[Any] = []
+        for cmd, parse in ((at.csq(), at.parse_csq), (at.cops_query(), at.parse_cops),
+                           (at.cgreg_query(), at.parse_creg)):  # fmt: skip
+            try:
+                values.append(parse((await modem.command(cmd)).lines))
+            except (CommandError, ValueError):
+                values.append(None)
+            except ModemError:
+                values += [None] * (3 - len(values))
+                break
+        csq, operator, registration = values
+        rssi = csq[0] if csq is not None else None
+        dbm = None if rssi is None or rssi == 99 else -113 + 2 * rssi
+        return Radio(rssi, dbm, operator, registration)
+
+    # --- lifecycle hooks -------------------------------------------------------------------
+
+    def history(self) -> tuple[Transition, ...]:
+        """The modem's lifecycle transitions so far (the latest 50)."""
+        return tuple(self._runner.lifecycle.history) if self._runner is not None else ()
+
+    async def wait_phase(self, phase: Phase, count: int = 1) -> None:
+        """Until the modem has entered `phase` `count` times in all."""
+        while sum(t.after is phase for t in self.history()) < count:
+            await self._transition.wait()
+
+    def _changed(self, transition: Transition) -> None:
+        if transition.after is Phase.SIM_BLOCKED:
+            self.needs_human.set()
+        self._transition.set()
+        self._transition = trio.Event()
+        sdnotify.notify(f"STATUS={self.status_line()}")
+
+    def _serving(self, ip: str) -> None:
+        addrs = ",".join(self.status().socks)
+        log.info("ready socks=%s ip=%s", addrs, ip)
+        status = f"STATUS=serving socks={addrs} ip={ip}"
+        if not self._announced:
+            self._announced = True
+            sdnotify.notify("READY=1", status)
+            self._task_status.started(Serving(self.socks, ip, self.device))
+        else:
+            sdnotify.notify(status)
 
     async def _watchdog(self, interval: float) -> None:
         """WATCHDOG=1 at half the interval while healthy (a modem in backoff is healthy: it
@@ -178,255 +307,6 @@ class Daemon:
             else:
                 log.error("supervision looks wedged: not feeding the systemd watchdog")
             await trio.sleep(interval / 2)
-
-    def status_line(self) -> str:
-        state = self.supervisor.state
-        flows = len(self.pool.in_use()) if self.pool is not None else 0
-        signal = f" signal={self.signal_dbm}dBm" if self.signal_dbm is not None else ""
-        if state == "sim-error":
-            return f"SIM problem: {self.problem}"
-        if state == "backoff" and self.supervisor.next_restart_at is not None:
-            wait = self.supervisor.next_restart_at - trio.current_time()
-            return f"modem restart backoff, next attempt in {wait:.0f}s"
-        return f"{state} ip={self.ip or '-'}{signal} flows={flows}"
-
-    # --- supervision ------------------------------------------------------------------------
-
-    async def _supervise(
-        self, device: str, socks: list[tuple[str, int]], task_status: trio.TaskStatus[Serving]
-    ) -> None:
-        while not self.stopping:
-            try:
-                end = await self._session(device, socks, task_status)
-            except SimError as exc:
-                self.problem = str(exc)
-                self.needs_human.set()
-                self.supervisor.state = "sim-error"
-                log.error("sim problem, waiting for a human: %s", exc)
-                sdnotify.notify(f"STATUS=SIM problem: {exc}")
-                await self._stop.wait()
-                return
-            if end is End.STOP:
-                return
-            log.warning("modem session ended reason=%s", end.value)
-            if end is End.GONE:
-                # The port broke: give a vanishing USB device a moment before looking again.
-                with trio.move_on_after(PORT_POLL):
-                    await self._stop.wait()
-
-    async def _session(
-        self, device: str, socks: list[tuple[str, int]], task_status: trio.TaskStatus[Serving]
-    ) -> End:
-        stream = await self._open_port(device)
-        if stream is None:
-            return End.STOP
-        self.sessions += 1
-        cut_after = self.settings.frame_timeout or frame_timeout(self.settings.baud or DEFAULT_BAUD)
-        async with Modem.open(stream, frame_timeout=cut_after) as modem:
-            self.modem = modem
-            try:
-                end = await self._bring_up_and_serve(modem, device, socks, task_status)
-            except SimError:
-                raise
-            except ModemGone as exc:
-                log.warning("modem lost: %s", exc)
-                end = End.RESTARTED if modem.alive else End.GONE
-            except ModemError as exc:
-                if self.stopping:
-                    return End.STOP
-                await self._reboot(modem, f"{type(exc).__name__}: {exc}")
-                return End.REBOOTED
-            finally:
-                self.gateway.set_pool(None)
-                self.pool = None
-            if end is End.HUNG:
-                await self._reboot(modem, "modem stopped answering")
-            elif end is End.STOP and modem.alive:
-                await self._deactivate(modem)
-            return end
-
-    async def _open_port(self, device: str) -> trio.abc.Stream | None:
-        """Open the device, waiting for it to (re)appear: a rebooting USB modem vanishes."""
-        waiting = False
-        while not self.stopping:
-            if device.startswith("socket://") or await trio.Path(device).exists():
-                try:
-                    return await open_port(device, self.settings.baud or DEFAULT_BAUD)
-                except (SerialPortError, OSError) as exc:
-                    log.warning("port open failed device=%s reason=%s", device, exc)
-            elif not waiting:
-                log.warning("waiting for device %s to appear", device)
-                waiting = True
-            with trio.move_on_after(PORT_POLL):
-                await self._stop.wait()
-        return None
-
-    async def _bring_up_and_serve(
-        self,
-        modem: Modem,
-        device: str,
-        socks: list[tuple[str, int]],
-        task_status: trio.TaskStatus[Serving],
-    ) -> End:
-        s = self.settings
-        self.supervisor.state = "starting"
-        settings = context.ContextSettings(s.context, s.apn, s.username, s.password, s.auth_method)
-        with trio.CancelScope() as self._startup_scope:
-            self.identity = await start_up(
-                modem, pin=s.sim_pin or None, registration_limit=s.registration_timeout
-            )
-            self.ip = await context.activate(modem, settings)
-            await configure_dns(modem, s)
-            await reconcile_sockets(modem, s.context)
-        self._startup_scope = None
-        if self.stopping:
-            return End.STOP
-        share = SharePolicy(s.reclaim_idle, s.client_flows, s.idle_timeout)
-        async with SocketPool.open(modem, s.context, share) as pool:
-            self.pool = pool
-            services = ModemServices(modem, s.context)
-            self.supervisor.working()
-            dropped = trio.Event()
-
-            def on_pdpdeact(event: PdpDeactivated) -> None:
-                if event.context_id == s.context:
-                    log.warning("context dropped by the network ctx=%d", event.context_id)
-                    dropped.set()
-
-            unroute = modem.route(PdpDeactivated, on_pdpdeact)
-            try:
-                while True:
-                    self.gateway.set_pool(pool, services)
-                    self._announce(socks, device, task_status)
-                    end = await self._watch(modem, dropped)
-                    self.gateway.set_pool(None)
-                    if end is not None:
-                        if end is End.RESTARTED or end is End.HUNG:
-                            await pool.reclaim(end.value, modem_lost_sockets=True)
-                        return end
-                    # The context is gone: reset flows, free ids, bring it back (2.16.5).
-                    self.supervisor.state = "recovering"
-                    sdnotify.notify("STATUS=recovering the PDP context")
-                    await pool.reclaim("network dropped the PDP context", modem_lost_sockets=False)
-                    dropped = trio.Event()
-                    self.ip = await context.recover(modem, settings)
-                    await configure_dns(modem, s)
-                    self.supervisor.working()
-            finally:
-                unroute()
-
-    async def _watch(self, modem: Modem, dropped: trio.Event) -> End | None:
-        """Serve until something happens; None means the context dropped."""
-        with single_error():
-            await self._watch_events(modem, dropped)
-        if self.stopping:
-            return End.STOP
-        if not modem.alive:
-            return End.GONE
-        if modem.restarted.is_set():
-            return End.RESTARTED
-        if modem.unresponsive.is_set():
-            return End.HUNG
-        return None
-
-    async def _watch_events(self, modem: Modem, dropped: trio.Event) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._probe, modem, dropped)
-            await first_of(self._stop, dropped, modem.restarted, modem.closed, modem.unresponsive)
-            nursery.cancel_scope.cancel()
-
-    async def _probe(self, modem: Modem, dropped: trio.Event) -> None:
-        """While idle, ask AT+QIACT? now and then: it proves the modem answers and that our
-        context is still up (a context can die without a pdpdeact URC)."""
-        s = self.settings
-        probe = with_timeout(at.qiact_query(), s.probe_timeout, hang_signal=True)
-        while True:
-            idle_for = trio.current_time() - modem.last_answer
-            if idle_for < s.probe_interval:
-                await trio.sleep(s.probe_interval - idle_for)
-                continue
-            try:
-                states = at.parse_qiact((await modem.command(probe)).lines)
-            except (CommandError, ValueError) as exc:
-                log.warning("probe failed reason=%s", exc)
-                await trio.sleep(s.probe_interval)
-                continue
-            except ModemError as exc:
-                # Timed out (modem.unresponsive is set) or the port went: _watch takes it.
-                log.warning("probe unanswered reason=%s", exc)
-                return
-            state = states.get(s.context)
-            if state is None or not state.active:
-                log.warning("context found inactive by probe ctx=%d", s.context)
-                dropped.set()
-                return
-            await self._read_signal(modem)
-
-    async def _read_signal(self, modem: Modem) -> None:
-        # Part of the probe: bounded like it, so a modem that hangs right here is found as soon
-        # as one that hangs during AT+QIACT? (not after the default 60 s).
-        csq = with_timeout(at.csq(), self.settings.probe_timeout, hang_signal=True)
-        try:
-            rssi, _ber = at.parse_csq((await modem.command(csq)).lines)
-        except (CommandError, ValueError):
-            return
-        # +CSQ <rssi> 0-31 is -113..-51 dBm, 99 unknown (3GPP 27.007)
-        self.signal_dbm = None if rssi == 99 else -113 + 2 * rssi
-
-    def _announce(
-        self, socks: list[tuple[str, int]], device: str, task_status: trio.TaskStatus[Serving]
-    ) -> None:
-        addrs = ",".join(_hostport(h, p) for h, p in socks)
-        log.info("ready socks=%s ip=%s", addrs, self.ip)
-        status = f"STATUS=serving socks={addrs} ip={self.ip}"
-        if not self._announced:
-            self._announced = True
-            sdnotify.notify("READY=1", status)
-            task_status.started(Serving(socks, self.ip, device))
-        else:
-            sdnotify.notify(status)
-
-    # --- ending a session -------------------------------------------------------------------
-
-    async def _reboot(self, modem: Modem, reason: str) -> None:
-        """Restart the modem, after the pause the manual's schedule asks for."""
-
-        async def pause(seconds: float) -> None:
-            with trio.move_on_after(seconds):
-                await self._stop.wait()
-
-        await self.supervisor.before_restart(reason, pause)
-        if self.stopping:
-            return
-        sdnotify.notify(f"STATUS=restarting the modem: {reason}")
-        if modem.alive:
-            try:
-                await modem.command(with_timeout(at.cfun_reboot(), self.settings.reboot_wait))
-            except ModemError as exc:
-                log.warning("AT+CFUN=1,1 not acknowledged reason=%s", exc)
-        with trio.move_on_after(self.settings.reboot_wait):
-            await first_of(modem.restarted, modem.closed)
-        if modem.restarted.is_set() or modem.closed.is_set():
-            return
-        command = self.settings.reset_command
-        if not command:
-            log.error("modem did not restart and no reset_command is configured")
-            return
-        log.warning("running reset_command=%s", command)
-        try:
-            with trio.fail_after(120):
-                done = await trio.run_process(shlex.split(command), check=False)
-            log.warning("reset_command finished rc=%d", done.returncode)
-        except (OSError, trio.TooSlowError) as exc:
-            log.error("reset_command failed reason=%s", exc)
-
-    async def _deactivate(self, modem: Modem) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(45):
-            try:
-                await context.deactivate(modem, self.settings.context)
-            except ModemError as exc:
-                log.warning("deactivate failed ctx=%d reason=%s", self.settings.context, exc)
-        sdnotify.notify("STOPPING=1")
 
 
 async def _serve_proxy(
@@ -448,38 +328,6 @@ async def _serve_proxy(
         udp_require_port=s.socks_udp_require_port,
         task_status=task_status,
     )
-
-
-async def first_of(*events: trio.Event) -> None:
-    """Return as soon as any of the events is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-            nursery.start_soon(_cancel_when_set, event, nursery.cancel_scope)
-
-
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-async def configure_dns(modem: Modem, s: Settings) -> None:
-    """AT+QIDNSCFG (2.12) when DNS servers are configured; else the network's stay."""
-    if s.dns:
-        await modem.command(at.qidnscfg(s.context, *s.dns))
-        log.info("dns servers set ctx=%d servers=%s", s.context, ",".join(s.dns))
-
-
-async def reconcile_sockets(modem: Modem, context_id: int) -> None:
-    """Close sockets a previous run left open on our context (DESIGN.md principle 7)."""
-    leftovers = at.parse_qistate((await modem.command(at.qistate_context(context_id))).lines)
-    for sock in leftovers:
-        log.warning(
-            "closing leftover socket id=%d dst=%s:%d",
-            sock.connect_id,
-            sock.address,
-            sock.remote_port,
-        )
-        await modem.command(at.qiclose(sock.connect_id))
 
 
 def _hostport(host: str, port: int) -> str:

@@ -187,7 +187,7 @@ async def _run_daemon(daemon: Daemon) -> None:
 
             nursery.start_soon(run_then_stop_listening)
             async for signum in signals:
-                if daemon._stop.is_set():
+                if daemon.stopping:
                     log.warning("second signal: exiting now")
                     nursery.cancel_scope.cancel()
                     return

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from tunnel.at import commands as at
-from tunnel.at.errors import CommandError, ModemError
+from tunnel.at.errors import ModemError
 from tunnel.daemon.control_protocol import (
     MAX_ANSWER,
     MAX_REQUEST,
@@ -34,8 +33,6 @@ from tunnel.daemon.control_protocol import (
 )
 from tunnel.daemon.control_socket import ClaimedSocket, ControlSocketBusy, ControlSocketError, claim
 from tunnel.modem.ping_ntp import ServiceError
-from tunnel.modem.tcp import ModemSocket
-from tunnel.modem.udp import ModemUdpFlow
 from uplink import ResolveError
 
 if TYPE_CHECKING:
@@ -166,94 +163,65 @@ class _Handler:
         return {"ok": True, **result}
 
     async def status(self, request: Request) -> dict[str, Any]:
+        """The daemon's Status snapshot, plus what the modem says about the network now."""
         d = self.daemon
+        st = d.status()
         s = d.settings
-        sup = d.supervisor
-        now = trio.current_time()
-        out: dict[str, Any] = {
-            "state": sup.state,
-            "problem": d.problem,
+        radio = await d.radio()
+        modem: dict[str, Any] = {"available": False}
+        if st.modem_available:
+            signal = None
+            if radio is not None and radio.rssi is not None:
+                signal = {"rssi": radio.rssi, "dbm": radio.dbm}
+            modem = {
+                "available": True,
+                "model": st.model,
+                "revision": st.revision,
+                "sessions": st.sessions,
+                **st.modem_stats,
+                "signal": signal,
+                "operator": radio.operator if radio is not None else None,
+                "registration": radio.registration if radio is not None else None,
+            }
+        return {
+            "state": st.phase.value,
+            "in_state_for": st.since,
+            "cause": st.cause,
+            "problem": st.problem,
             "uptime": round(time.time() - STARTED, 1),
-            "device": d.device,
-            "emulated": s.emulate,
-            "context": {"id": s.context, "apn": s.apn, "ip": d.ip, "auth": s.auth},
-            "socks": [f"{h}:{p}" for h, p in d.socks],
+            "device": st.device,
+            "emulated": st.emulated,
+            "context": {"id": s.context, "apn": s.apn, "ip": st.ip, "auth": s.auth},
+            "socks": list(st.socks),
             "restarts": {
-                "consecutive_failures": sup.failures,
-                "next_restart_in": None
-                if sup.next_restart_at is None
-                else round(sup.next_restart_at - now, 1),
+                "consecutive_failures": st.consecutive_failures,
+                "next_restart_in": st.next_restart_in,
                 "history": [
                     {
                         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.wall)),
                         "attempt": r.attempt,
                         "reason": r.reason,
                     }
-                    for r in sup.history[-10:]
+                    for r in st.restarts
                 ],
             },
-            "modem": await self._modem_status(),
-            "flows": self._flows(now),
-            "dns": {
-                "lookups": d.gateway.resolver.lookups,
-                "cache_hits": d.gateway.resolver.hits,
-            },
-            "tun": d.tun.status() if d.tun is not None else None,
+            "modem": modem,
+            "flows": [
+                {
+                    "id": f.connect_id,
+                    "kind": f.kind,
+                    "dst": f.dst,
+                    "state": f.state,
+                    "up": f.up,
+                    "down": f.down,
+                    "age": f.age,
+                    "client": f.client,
+                }
+                for f in st.flows
+            ],
+            "dns": d.dns_stats(),
+            "tun": d.tun_status(),
         }
-        return out
-
-    async def _modem_status(self) -> dict[str, Any]:
-        d = self.daemon
-        modem = d.modem
-        if modem is None or not modem.alive:
-            return {"available": False}
-        info: dict[str, Any] = {
-            "available": True,
-            "model": d.identity.model if d.identity else "",
-            "revision": d.identity.revision if d.identity else "",
-            "sessions": d.sessions,
-            "bytes_in": modem.stats.bytes_in,
-            "bytes_out": modem.stats.bytes_out,
-            "commands": modem.stats.commands,
-            "timeouts": modem.stats.timeouts,
-            "garbage_lines": modem.stats.garbage_lines,
-            "restarts_seen": modem.stats.reboots_seen,
-        }
-        queries: list[tuple[str, at.Command, Callable[[list[bytes]], Any]]] = [
-            ("signal", at.csq(), _signal),
-            ("operator", at.cops_query(), at.parse_cops),
-            ("registration", at.cgreg_query(), at.parse_creg),
-        ]
-        for key, cmd, parse in queries:
-            try:
-                info[key] = parse((await modem.command(cmd)).lines)
-            except (CommandError, ValueError):
-                info[key] = None
-            except ModemError:
-                info[key] = None
-                break
-        return info
-
-    def _flows(self, now: float) -> list[dict[str, Any]]:
-        pool = self.daemon.pool
-        if pool is None:
-            return []
-        flows = []
-        for slot in pool._slots:
-            owner = slot.socket
-            if isinstance(owner, ModemSocket):
-                flows.append({
-                    "id": slot.connect_id, "kind": "tcp", "dst": owner.peer,
-                    "state": slot.state.name.lower(), "up": owner.bytes_sent,
-                    "down": owner.bytes_received, "age": round(now - owner.opened_at, 1),
-                })  # fmt: skip
-            elif isinstance(owner, ModemUdpFlow):
-                flows.append({
-                    "id": slot.connect_id, "kind": "udp", "dst": f"*:{owner.local_port}",
-                    "state": slot.state.name.lower(), "up": owner.sent, "down": owner.received,
-                    "age": round(now - owner.opened_at, 1),
-                })  # fmt: skip
-        return flows
 
     async def ping(self, request: Request) -> dict[str, Any]:
         host, count, wait = request.text("host"), request.number("count"), request.number("wait")
@@ -284,13 +252,6 @@ class _Handler:
         name = request.text("name")
         answer = await self.daemon.gateway.resolve(name)
         return {"name": name, "addresses": list(answer.addresses), "ttl": answer.ttl}
-
-
-def _signal(lines: list[bytes]) -> dict[str, Any]:
-    # +CSQ: <rssi>,<ber>; rssi 0-31 -> -113..-51 dBm, 99 unknown (3GPP 27.007)
-    rssi, ber = at.parse_csq(lines)
-    dbm = None if rssi == 99 else -113 + 2 * rssi
-    return {"rssi": rssi, "ber": ber, "dbm": dbm}
 
 
 async def _read_line(stream: trio.abc.ReceiveStream) -> bytes | None:

@@ -51,7 +51,6 @@ class Supervisor:
 
     failures: int = 0
     history: list[RestartRecord] = field(default_factory=list)
-    state: str = "starting"
     next_restart_at: float | None = None
 
     async def before_restart(
@@ -62,12 +61,10 @@ class Supervisor:
         attempt = self.failures
         pause = pause_before(attempt)
         if pause:
-            self.state = "backoff"
             self.next_restart_at = trio.current_time() + pause
             log.warning("restart backoff attempt=%d pause=%gs reason=%s", attempt, pause, reason)
             await sleep(pause)
         self.next_restart_at = None
-        self.state = "restarting"
         log.warning("restarting modem attempt=%d reason=%s", attempt, reason)
         self.history.append(RestartRecord(trio.current_time(), time.time(), reason, attempt))
         del self.history[:-50]
@@ -78,4 +75,3 @@ class Supervisor:
         if self.failures:
             log.info("modem working again after %d restart(s)", self.failures)
         self.failures = 0
-        self.state = "serving"

@@ -3,7 +3,7 @@
 Layers, bottom up: `port` (tty / pty / socket:// as a trio stream), `engine` (one command in
 flight, URC routes, chat and chain), `startup` and `context` (bring-up, PDP context), `pool` (the
 twelve connectIDs), `tcp` + `tcp_receive` (a TCP flow and its receive machine), `udp` (UDP
-SERVICE flows), `dns` and `ping_ntp` (name lookups, ping, time), and `uplink`: the one object the
+SERVICE flows), `dns` and `ping_ntp` (name lookups, ping, time), and `gateway`: the one object the
 fronts see. Nothing here imports the daemon, the fronts or the emulator.
 """
 

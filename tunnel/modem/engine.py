@@ -236,6 +236,14 @@ class Modem:
     def alive(self) -> bool:
         return self._gone is None
 
+    def rearm(self) -> None:
+        """Start-up runs again on this line (after RDY, or a reboot for a hang): `restarted` and
+        `unresponsive` watch for the next time."""
+        if self.restarted.is_set():
+            self.restarted = trio.Event()
+        if self.unresponsive.is_set():
+            self.unresponsive = trio.Event()
+
     async def chat(self, cmd: Command, answer: Answer[T]) -> T:
         """Send `cmd`, then wait up to `answer.limit` seconds for it to complete from its URCs.
 

@@ -88,6 +88,9 @@ class FlowOwner(Protocol):
         """The pool closes this idle flow now (to make room, or past idle_timeout): its client
         sees the clean end an origin gives an idle keep-alive connection."""
 
+    def view(self) -> "OwnerView":
+        """What status shows of the flow."""
+
     async def aclose(self) -> None: ...
 
 
@@ -105,6 +108,29 @@ class SharePolicy:
     reclaim_idle: float = 10.0
     client_flows: int = 0
     idle_timeout: float = 7200.0
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerView:
+    kind: str  # "tcp" | "udp"
+    dst: str
+    up: int
+    down: int
+    opened_at: float  # trio clock
+
+
+@dataclass(frozen=True, slots=True)
+class FlowView:
+    """One connectID as status shows it."""
+
+    connect_id: int
+    kind: str
+    dst: str
+    state: str
+    up: int
+    down: int
+    age: float
+    client: str
 
 
 class ClientFlowLimit(ModemError):
@@ -435,6 +461,16 @@ class SocketPool:
     def clients(self) -> Counter[str]:
         """How many connectIDs each client holds."""
         return Counter(s.client for s in self._slots if s.state is not SlotState.FREE)
+
+    def flow_views(self, now: float) -> tuple[FlowView, ...]:
+        """Every connectID that has an owner, as status shows it."""
+        out = []
+        for slot in self._slots:
+            if slot.owner is not None:
+                v = slot.owner.view()
+                out.append(FlowView(slot.connect_id, v.kind, v.dst, slot.state.name.lower(), v.up,
+                                    v.down, round(now - v.opened_at, 1), slot.client))  # fmt: skip
+        return tuple(out)
 
     def owners(self) -> list[tuple[int, FlowOwner]]:
         """(connectID, owner) of every connectID that has one, for status views."""

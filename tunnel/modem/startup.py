@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 # How long one `AT` probe may wait while the modem boots; the manual's 60 s bounds the whole sync.
 PROBE_TIMEOUT = 2.0
 SYNC_LIMIT = 60.0
+# After a probe that failed (RDY, timeout, ERROR) the modem may still answer it; the next probe
+# goes out only once the line has been quiet this long, so a late OK cannot be taken as the
+# next command's answer and leave every later command one answer behind.
+SETTLE = 0.2
 REGISTRATION_POLL = 2.0
 # +CREG/+CGREG <stat>: 1 registered home, 5 registered roaming.
 REGISTERED = (1, 5)
@@ -55,7 +59,18 @@ async def sync(modem: Modem) -> None:
                 return
             except (CommandTimeout, ModemRebooted, CommandError) as exc:
                 log.debug("sync retry reason=%s", exc)
+                await _settle(modem)
     raise CommandTimeout("AT", SYNC_LIMIT)
+
+
+async def _settle(modem: Modem) -> None:
+    """Wait until nothing has arrived on the line for SETTLE (strays land with no command in
+    flight, where the engine drops them)."""
+    while True:
+        seen = modem.stats.bytes_in
+        await trio.sleep(SETTLE)
+        if modem.stats.bytes_in == seen:
+            return
 
 
 async def identify(modem: Modem) -> Identity:
@@ -159,9 +174,14 @@ async def _registration(modem: Modem) -> int | None:
 async def start_up(modem: Modem, *, pin: str | None, registration_limit: float) -> Identity:
     """Everything between power-up and a modem ready for AT+QICSGP."""
     await sync(modem)
+    # The boot's RDY (if the port opened on a booting modem) is behind us now; a RDY from here
+    # on is a new restart, and undoes ATE0: start-up must run again.
+    modem.rearm()
     await modem.command(at.ate0())
     ident = await identify(modem)
     log.info("modem model=%s revision=%s", ident.model, ident.revision)
     await check_sim(modem, pin)
     await wait_registered(modem, registration_limit)
+    if modem.restarted.is_set():
+        raise ModemRebooted("modem restarted during start-up")
     return ident

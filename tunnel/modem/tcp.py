@@ -21,6 +21,7 @@ from tunnel.at import commands as at
 from tunnel.at.constants import ACCESS_BUFFER, ACCESS_PUSH, MAX_SEND_LEN
 from tunnel.at.errors import CommandError, ModemError, SendBufferFull
 from tunnel.modem.engine import Response
+from tunnel.modem.pool import OwnerView
 from tunnel.modem.tcp_receive import Command, Failed, Receiver, RxState, Wake
 
 if TYPE_CHECKING:
@@ -126,6 +127,9 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         if self._write_closed and not self._linger_over:
             self._linger_until = trio.current_time()
             self._wake_consumer()
+
+    def view(self) -> OwnerView:
+        return OwnerView("tcp", self.peer, self.bytes_sent, self.bytes_received, self.opened_at)
 
     def idle_since(self) -> float | None:
         if self._sending or self.rx.buffered or self.rx.state not in _IDLE_STATES:

@@ -16,7 +16,7 @@ import trio
 from tunnel.at import commands as at
 from tunnel.at.constants import ACCESS_PUSH, MAX_SEND_LEN
 from tunnel.at.errors import CommandError, ErrorCode, ModemError, SendBufferFull
-from tunnel.modem.pool import Slot, SocketPool
+from tunnel.modem.pool import OwnerView, Slot, SocketPool
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ class ModemUdpFlow:
 
     def on_id_wanted(self) -> None:
         pass
+
+    def view(self) -> OwnerView:
+        return OwnerView("udp", f"*:{self.local_port}", self.sent, self.received, self.opened_at)
 
     def idle_since(self) -> float | None:
         return None  # UDP mappings have their own idle policy in each front

@@ -6,6 +6,7 @@ import trio.testing
 
 from tunnel.daemon.app import Daemon
 from tunnel.daemon.config import Settings
+from tunnel.daemon.lifecycle import Phase
 from tunnel.daemon.supervisor import MAX_PAUSE, Supervisor, pause_before
 
 MIN = 60.0
@@ -96,10 +97,11 @@ class BrokenNetworkModem:
 async def test_daemon_follows_the_schedule_when_the_context_never_comes_up(
     autojump_clock,
 ) -> None:
-    daemon = Daemon(Settings(socks=(("127.0.0.1", 0),), registration_timeout=30))
     async with trio.open_nursery() as nursery:
         fake = BrokenNetworkModem(nursery)
-        daemon._open_port = fake.connect  # type: ignore[method-assign]
+        settings = Settings(socks=(("127.0.0.1", 0),), registration_timeout=30, control="",
+                            device="socket://fake:1")  # fmt: skip
+        daemon = Daemon(settings, opener=fake.connect)
         nursery.start_soon(daemon.run)
         await fake.seven_reboots.wait()
         daemon.stop()
@@ -151,14 +153,14 @@ class HangsDuringRecovery(BrokenNetworkModem):
 
 
 async def test_timeout_during_context_recovery_reboots_the_modem(autojump_clock) -> None:
-    daemon = Daemon(Settings(socks=(("127.0.0.1", 0),), control=""))
     async with trio.open_nursery() as nursery:
         fake = HangsDuringRecovery(nursery)
-        daemon._open_port = fake.connect  # type: ignore[method-assign]
+        settings = Settings(socks=(("127.0.0.1", 0),), control="", device="socket://fake:1")
+        daemon = Daemon(settings, opener=fake.connect)
         nursery.start_soon(daemon.run)
         await fake.serving_again.wait()
         await trio.testing.wait_all_tasks_blocked()
-        assert daemon.supervisor.state == "serving"
+        assert daemon.phase is Phase.SERVING
         daemon.stop()
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()

@@ -2,67 +2,16 @@
 
 from __future__ import annotations
 
-import codecs
 import datetime
 import re
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
 
+from tests.chapter4 import SECTIONS, compile_steps
 from tests.tunnel.emulator.helpers import TcpPeer, free_tcp_port, free_udp_port, udp_socket
 
-FIXTURE = Path(__file__).with_name("chapter4.txt")
 MANUAL_TIME = datetime.datetime(2013, 8, 19, 11, 10, 10, tzinfo=datetime.UTC)
-
-
-@dataclass(frozen=True)
-class Step:
-    kind: str  # "send", "expect", "match", "action"
-    data: bytes = b""
-    text: str = ""
-
-
-def unescape(text: str) -> bytes:
-    return codecs.escape_decode(text.encode("latin-1"))[0]
-
-
-def load_sections() -> dict[str, list[str]]:
-    sections: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for raw in FIXTURE.read_text().splitlines():
-        if raw.startswith("## "):
-            current = sections.setdefault(raw[3:].strip(), [])
-        elif raw.strip() and not raw.startswith("#") and current is not None:
-            current.append(raw)
-    return sections
-
-
-def compile_steps(lines: list[str], values: dict[str, object]) -> list[Step]:
-    steps: list[Step] = []
-    for line in lines:
-        marker, _, body = line.partition(" ")
-        body = body.format(**values) if marker != "<~" else body
-        if marker == ">":
-            steps.append(Step("send", body.encode("latin-1") + b"\r"))
-        elif marker == ">|":
-            steps.append(Step("send", unescape(body)))
-        elif marker in ("<", "<|"):
-            data = b"\r\n" + body.encode("latin-1") + b"\r\n" if marker == "<" else unescape(body)
-            if steps and steps[-1].kind == "expect":
-                data = steps.pop().data + data
-            steps.append(Step("expect", data))
-        elif marker == "<~":
-            steps.append(Step("match", text=body))
-        elif marker == "!":
-            steps.append(Step("action", text=body))
-        else:
-            raise ValueError(f"chapter4.txt: bad line {line!r}")
-    return steps
-
-
-SECTIONS = load_sections()
 
 
 def test_fixture_has_every_required_section() -> None:
