@@ -52,7 +52,7 @@ REFUSAL_LINGER: Final = 2.0
 
 
 async def serve_socks5(
-    dialer: Uplink,
+    uplink: Uplink,
     listen: Sequence[tuple[str, int]],
     *,
     users: Mapping[str, str] | None = None,
@@ -81,7 +81,7 @@ async def serve_socks5(
     fd_cap = default_max_connections()
     table = ConnectionTable(fd_cap if max_connections is None else max_connections)
     throttle = AuthThrottle(auth_failures, auth_pause)
-    server = _Server(dialer, users or {}, table, throttle, handshake_timeout, udp_require_port)
+    server = _Server(uplink, users or {}, table, throttle, handshake_timeout, udp_require_port)
     acceptor = Acceptor(table, allow, throttle, server.logs, handshake_timeout)
     if max_connections is not None and max_connections > fd_cap:
         log.warning(
@@ -124,14 +124,14 @@ async def serve_socks5(
 class _Server:
     def __init__(
         self,
-        dialer: Uplink,
+        uplink: Uplink,
         users: Mapping[str, str],
         table: ConnectionTable,
         throttle: AuthThrottle,
         handshake_timeout: float,
         udp_require_port: bool,
     ) -> None:
-        self._dialer = dialer
+        self._uplink = uplink
         self.logs = LogLimiter(log)
         self.udp_logs = LogLimiter(udp_relay.log)
         self._auth = Authenticator(users, throttle, self.logs)
@@ -168,7 +168,7 @@ class _Server:
         elif isinstance(request, ConnectRequest):
             refuse = partial(self._refuse, client, conn, peer, _dst(request))
             await serve_connect(
-                client, conn, peer, request, self._dialer, refuse, self.logs, slot.key
+                client, conn, peer, request, self._uplink, refuse, self.logs, slot.key
             )
         elif isinstance(request, UdpAssociateRequest):
             await self._udp_associate(client, conn, peer, request, slot)
@@ -268,8 +268,8 @@ class _Server:
         if isinstance(request, BindRequest):  # we can't listen on the modem for the client
             return ReplyCode.COMMAND_NOT_SUPPORTED, "bind not supported"
         if isinstance(request, UdpAssociateRequest):
-            if not hasattr(self._dialer, "open_udp"):
-                return ReplyCode.COMMAND_NOT_SUPPORTED, "this dialer carries no UDP"
+            if not hasattr(self._uplink, "open_udp"):
+                return ReplyCode.COMMAND_NOT_SUPPORTED, "this uplink carries no UDP"
             if self._udp_require_port and request.port == 0:
                 # §7 lets a client send zeros; then the first sender from its IP would own the
                 # association, and on a shared host that need not be the client.
@@ -314,14 +314,14 @@ class _Server:
         request: UdpAssociateRequest,
         slot: Slot,
     ) -> None:
-        """UDP ASSOCIATE (RFC 1928 §7) through the dialer's UDP flows (proxy.udp_relay)."""
+        """UDP ASSOCIATE (RFC 1928 §7) through the uplink's UDP flows (proxy.udp_relay)."""
         dst = _dst(request)
         if not self.table.reserve(slot):  # the relay socket is one more descriptor
             reason = f"connection cap reached max_connections={self.table.cap}"
             await self._refuse(client, conn, peer, dst, ReplyCode.GENERAL_FAILURE, reason)
             return
         try:
-            await self._relay_udp(client, conn, peer, request, self._dialer, slot.key)
+            await self._relay_udp(client, conn, peer, request, self._uplink, slot.key)
         finally:
             self.table.unreserve(slot)
 
@@ -331,11 +331,11 @@ class _Server:
         conn: Socks5Connection,
         peer: str,
         request: UdpAssociateRequest,
-        dialer: Uplink,
+        uplink: Uplink,
         source: str,
     ) -> None:
         try:
-            flow = await dialer.open_udp(client=source)
+            flow = await uplink.open_udp(client=source)
         except DialError as exc:
             code = reply_for(exc.failure)
             await self._refuse(client, conn, peer, _dst(request), code, exc.reason)
@@ -343,7 +343,7 @@ class _Server:
         try:
             success = partial(conn.reply, ReplyCode.SUCCEEDED)
             await udp_relay.serve_association(
-                client, peer, success, dialer, flow, request, self.udp_logs, source
+                client, peer, success, uplink, flow, request, self.udp_logs, source
             )
         finally:
             with trio.CancelScope(shield=True):

@@ -46,7 +46,7 @@ async def serve_connect(
     conn: Socks5Connection,
     peer: str,
     request: ConnectRequest,
-    dialer: Uplink,
+    uplink: Uplink,
     refuse: Refuse,
     logs: LogLimiter,
     source: str = "",
@@ -56,16 +56,16 @@ async def serve_connect(
     dst = f"{request.host}:{request.port}"
     try:
         # RFC 1928 §6: the reply reports the outcome, so it waits for the dial to finish.
-        remote = await dialer.open_tcp(request.host, request.port, client=source)
+        remote = await uplink.open_tcp(request.host, request.port, client=source)
     except DialError as exc:
         await refuse(reply_for(exc.failure), exc.reason)
         return
     except Exception as exc:
         logs.log(
-            logging.ERROR, "dialer-crash", "dialer failed client=%s dst=%s error=%r",
+            logging.ERROR, "uplink-crash", "uplink failed client=%s dst=%s error=%r",
             peer, dst, exc, exc_info=exc,
         )  # fmt: skip
-        await refuse(ReplyCode.GENERAL_FAILURE, f"dialer raised {type(exc).__name__}")
+        await refuse(ReplyCode.GENERAL_FAILURE, f"uplink raised {type(exc).__name__}")
         return
     flow = Splice(client, remote, first=conn.trailing_data, names=("client", "remote"))
     start = trio.current_time()
@@ -81,7 +81,7 @@ async def serve_connect(
             return
         opened = True
         conn_id = str(getattr(remote, "connect_id", "-"))
-        # Not rate-limited: one line per modem connection, and the dialer bounds those.
+        # Not rate-limited: one line per modem connection, and the uplink bounds those.
         log.info("flow open client=%s dst=%s id=%s", peer, dst, conn_id)
         await flow.run()
     finally:

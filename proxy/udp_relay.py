@@ -1,4 +1,4 @@
-"""UDP ASSOCIATE (RFC 1928 §7): a relay socket beside the listener, datagrams to the dialer's
+"""UDP ASSOCIATE (RFC 1928 §7): a relay socket beside the listener, datagrams to the uplink's
 UDP flow and back, for as long as the client's TCP control connection lives.
 
 An association belongs to its client. §7: the relay "MUST drop any datagrams arriving from any
@@ -9,7 +9,7 @@ Once that owner is known the relay socket is connect()ed to it, and the kernel i
 away every other sender. (With zeros, whoever sends first from the client's IP owns it: on a
 shared host that can be another local user; `udp_require_port` in the server refuses zeros.)
 Fragments (FRAG != 0) are dropped, as §7 allows a server without reassembly. Domain names are
-resolved through the dialer (on a modem: by the modem).
+resolved through the uplink (on a modem: by the modem).
 """
 
 import errno
@@ -40,7 +40,7 @@ async def serve_association(
     client: trio.SocketStream,
     peer: str,
     success: Callable[[str, int], bytes],
-    dialer: Uplink,
+    uplink: Uplink,
     flow: UdpFlow,
     request: UdpAssociateRequest,
     logs: LogLimiter,
@@ -52,7 +52,7 @@ async def serve_association(
     client_ip = str(client.socket.getpeername()[0])
     declared = (client_ip, request.port) if request.port else None
     with await open_relay(local_ip, declared) as relay:
-        association = Association(dialer, relay, flow, client_ip, request, logs, source)
+        association = Association(uplink, relay, flow, client_ip, request, logs, source)
         bind_host, bind_port = sockname(relay)
         try:
             await client.send_all(success(bind_host, bind_port))
@@ -82,7 +82,7 @@ class Association:
 
     def __init__(
         self,
-        dialer: Uplink,
+        uplink: Uplink,
         relay: trio.socket.SocketType,
         flow: UdpFlow,
         client_ip: str,
@@ -90,8 +90,8 @@ class Association:
         logs: LogLimiter,
         source: str = "",
     ) -> None:
-        self._dialer = dialer
-        self._source = source  # who the dialer counts lookups against
+        self._uplink = uplink
+        self._source = source  # who the uplink counts lookups against
         self._relay = relay
         self._flow = flow
         self._client_ip = ipaddress.ip_address(client_ip)
@@ -139,7 +139,7 @@ class Association:
             host = datagram.host
             try:
                 if datagram.atyp is AddressType.DOMAIN:
-                    host = (await self._dialer.resolve(host, client=self._source)).addresses[0]
+                    host = (await self._uplink.resolve(host, client=self._source)).addresses[0]
                 elif datagram.atyp is AddressType.IPV6:
                     raise DialError(DialFailure.BAD_ADDRESS, "IPv6 is not carried")
                 await self._flow.send(datagram.payload, (host, datagram.port))

@@ -1,4 +1,4 @@
-"""What the proxy tests share: SOCKS5 client bytes, socket helpers, fake dialers (TCP and UDP)
+"""What the proxy tests share: SOCKS5 client bytes, socket helpers, fake uplinks (TCP and UDP)
 and a log watcher to wait on. Everything talks to 127.0.0.0/8 or ::1 only."""
 
 import logging
@@ -71,9 +71,9 @@ async def handshake(
     return stream, await recv_reply(stream)
 
 
-async def start_proxy(nursery: trio.Nursery, dialer: object, **kwargs: object) -> tuple[str, int]:
+async def start_proxy(nursery: trio.Nursery, uplink: object, **kwargs: object) -> tuple[str, int]:
     listen = kwargs.pop("listen", [("127.0.0.1", 0)])
-    bound = await nursery.start(partial(serve_socks5, dialer, listen, **kwargs))
+    bound = await nursery.start(partial(serve_socks5, uplink, listen, **kwargs))
     return bound[0]
 
 
@@ -89,8 +89,9 @@ async def start_tcp(nursery: trio.Nursery, handler: object) -> int:
     return int(listeners[0].socket.getsockname()[1])
 
 
-class LoopbackDialer:
-    """Dials 127.0.0.1:`port` whatever the client asked for, and records what it asked."""
+class LoopbackUplink:
+    """An Uplink (uplink.contract) whose TCP flows all go to 127.0.0.1:`port`, whatever the
+    client asked for; records what it asked."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -103,7 +104,7 @@ class LoopbackDialer:
         return await trio.open_tcp_stream("127.0.0.1", self.port)
 
 
-class FailingDialer:
+class FailingUplink:
     def __init__(self, exc: Exception) -> None:
         self.exc = exc
         self.asked: list[tuple[str, int]] = []
@@ -164,7 +165,7 @@ class ScriptedStream(trio.abc.HalfCloseableStream):
         await trio.lowlevel.checkpoint()
 
 
-class ScriptedDialer:
+class ScriptedUplink:
     def __init__(self, *streams: ScriptedStream) -> None:
         self.streams = list(streams)
         self.asked: list[tuple[str, int]] = []
@@ -211,7 +212,7 @@ class FakeFlow:
         await trio.lowlevel.checkpoint()
 
 
-class FakeUdpDialer:
+class FakeUdpUplink:
     """A UdpDialer whose flows are FakeFlows (opened ones in `flows`); names resolve to
     198.18.0.1. open_tcp is not used by the UDP tests."""
 

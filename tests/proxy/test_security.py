@@ -21,10 +21,10 @@ from tests.proxy.fakes import (
     AUTH_GREETING,
     NOAUTH,
     OK_ZERO,
-    FailingDialer,
-    FakeUdpDialer,
+    FailingUplink,
+    FakeUdpUplink,
     LogWatch,
-    LoopbackDialer,
+    LoopbackUplink,
     auth,
     connect_from,
     domain,
@@ -87,8 +87,8 @@ RIGHT = b"\x05\x02\x01\x00"
 
 async def test_row2_outside_allow_is_reset_before_any_byte(nursery: trio.Nursery) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer, users={"bob": "right"}, allow=LOCAL_ONLY)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink, users={"bob": "right"}, allow=LOCAL_ONLY)
         # It sends nothing and is closed anyway: nothing was waited for, nothing read.
         assert await attempt(proxy, "127.0.0.2") == b""
         # The right password from outside learns nothing: not even the method selection.
@@ -102,7 +102,7 @@ async def test_row2_outside_allow_is_reset_before_any_byte(nursery: trio.Nursery
         await inside.send_all(CONNECT)
         assert await recv_reply(inside) == OK_ZERO
         await inside.aclose()
-    assert dialer.asked == [("example.test", 80)]  # only the one from inside
+    assert uplink.asked == [("example.test", 80)]  # only the one from inside
     assert logs.matching("^auth ") == []  # no password from outside was ever looked at
     refused = logs.matching(r"connection refused client=127\.0\.0\.2:\d+ reason=outside")
     assert len(refused) == 1, refused  # 21 refusals, one line: the rest is counted for later
@@ -112,9 +112,9 @@ async def test_row2_failures_pause_that_source_only_and_the_pause_grows(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(300):
-        dialer = FailingDialer(AssertionError("must not dial"))
+        uplink = FailingUplink(AssertionError("must not dial"))
         proxy = await start_proxy(
-            nursery, dialer, users={"bob": "right"}, auth_failures=3, auth_pause=10
+            nursery, uplink, users={"bob": "right"}, auth_failures=3, auth_pause=10
         )
         early = await connect_from("127.0.0.2", proxy)  # accepted before the pause begins
         await early.send_all(AUTH_GREETING)
@@ -165,8 +165,8 @@ async def test_row3_idle_flood_does_not_lock_out_real_clients(nursery: trio.Nurs
     cap, flood, real = 50, 200, 15
     reconnects = 0
     with LogWatch("proxy.server") as logs, trio.fail_after(30):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer, max_connections=cap)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink, max_connections=cap)
         before = open_fds()
         held = [await connect_from("127.0.0.2", proxy) for _ in range(flood)]
         await trio.testing.wait_all_tasks_blocked()
@@ -221,8 +221,8 @@ async def test_row3_cap_of_live_flows_pauses_accepting_until_one_closes(
     nursery: trio.Nursery,
 ) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer, max_connections=3)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink, max_connections=3)
         flows = [(await handshake(proxy, request(ipv4("192.0.2.1"), 7)))[0] for _ in range(3)]
         waiting = await trio.open_tcp_stream(*proxy)  # the kernel's backlog takes it
         await waiting.send_all(NOAUTH)
@@ -247,8 +247,8 @@ async def test_row3_emfile_pauses_accepting_and_logs_once_per_burst(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(120):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink)
         client = trio.socket.socket()  # its descriptor exists before the limit drops
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         lowest_free = os.open("/dev/null", os.O_RDONLY)
@@ -272,7 +272,7 @@ async def test_row3_emfile_pauses_accepting_and_logs_once_per_burst(
 
 async def test_default_cap_is_below_the_open_file_limit(nursery: trio.Nursery) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(10):
-        await start_proxy(nursery, FailingDialer(AssertionError()))
+        await start_proxy(nursery, FailingUplink(AssertionError()))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     line = logs.matching("socks listening")[0]
     assert f"max_connections={soft - FD_RESERVE} handshake_timeout=10.0" in line
@@ -282,7 +282,7 @@ async def test_default_handshake_timeout_is_10_seconds(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     with trio.fail_after(60):
-        proxy = await start_proxy(nursery, FailingDialer(AssertionError()))
+        proxy = await start_proxy(nursery, FailingUplink(AssertionError()))
         stream = await trio.open_tcp_stream(*proxy)
         start = trio.current_time()
         await stream.send_all(b"\x05\x01")  # a greeting that never ends
@@ -326,14 +326,14 @@ async def test_row6_declared_port_only_that_ip_and_port_are_relayed(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        dialer = FakeUdpDialer()
-        proxy = await start_proxy(nursery, dialer)
+        uplink = FakeUdpUplink()
+        proxy = await start_proxy(nursery, uplink)
         client = await udp_socket()
         port = client.getsockname()[1]
         same_ip = await udp_socket()  # another local user: same IP, another port
         other_ip = await udp_socket("127.0.0.2", port)  # the client's port, another IP
         control, relay = await associate(proxy, port)
-        flow = dialer.flows[0]
+        flow = uplink.flows[0]
         # The intruders send first, then the client: only the client's datagram goes out.
         await same_ip.sendto(datagram(b"intruder"), relay)
         await other_ip.sendto(datagram(b"intruder"), relay)
@@ -357,15 +357,15 @@ async def test_row6_zeros_first_sender_owns_and_nobody_else_after(
     nursery: trio.Nursery,
 ) -> None:
     with trio.fail_after(10):
-        dialer = FakeUdpDialer()
-        proxy = await start_proxy(nursery, dialer, users={"bob": "right"})
+        uplink = FakeUdpUplink()
+        proxy = await start_proxy(nursery, uplink, users={"bob": "right"})
         control = await trio.open_tcp_stream(*proxy)
         await control.send_all(AUTH_GREETING + auth(b"bob", b"right"))
         assert await recv_exactly(control, 4) == RIGHT
         await control.send_all(request(ipv4("0.0.0.0"), 0, cmd=3))
         reply = await recv_reply(control)
         relay = (socket.inet_ntoa(reply[4:8]), struct.unpack(">H", reply[8:10])[0])
-        flow = dialer.flows[0]
+        flow = uplink.flows[0]
         owner, late = await udp_socket(), await udp_socket()
         await owner.sendto(datagram(b"first"), relay)
         assert (await flow.sent.receive())[0] == b"first"
@@ -385,17 +385,17 @@ async def test_row6_udp_require_port_refuses_zeros_and_serves_a_declared_port(
     nursery: trio.Nursery,
 ) -> None:
     with LogWatch("proxy.server") as logs, trio.fail_after(10):
-        dialer = FakeUdpDialer()
-        proxy = await start_proxy(nursery, dialer, udp_require_port=True)
+        uplink = FakeUdpUplink()
+        proxy = await start_proxy(nursery, uplink, udp_require_port=True)
         stream, reply = await handshake(proxy, request(ipv4("0.0.0.0"), 0, cmd=3))
         assert reply == refusal(ReplyCode.NOT_ALLOWED)
         assert await until_closed(stream) == b""
         await stream.aclose()
-        assert dialer.flows == []  # refused before any modem socket was taken
+        assert uplink.flows == []  # refused before any modem socket was taken
         client = await udp_socket()
         control, relay = await associate(proxy, client.getsockname()[1])
         await client.sendto(datagram(b"declared"), relay)
-        assert (await dialer.flows[0].sent.receive())[0] == b"declared"
+        assert (await uplink.flows[0].sent.receive())[0] == b"declared"
         await control.aclose()
         client.close()
     [line] = logs.matching("request refused")
@@ -404,14 +404,14 @@ async def test_row6_udp_require_port_refuses_zeros_and_serves_a_declared_port(
 
 async def test_per_datagram_log_lines_are_rate_limited(nursery: trio.Nursery) -> None:
     with LogWatch("proxy.udp_relay") as logs, trio.fail_after(10):
-        dialer = FakeUdpDialer()
-        proxy = await start_proxy(nursery, dialer)
+        uplink = FakeUdpUplink()
+        proxy = await start_proxy(nursery, uplink)
         client = await udp_socket()
         control, relay = await associate(proxy, client.getsockname()[1])
         for _ in range(100):
             await client.sendto(b"\x00\x00\x00\x07junk", relay)  # ATYP 0x07
         await client.sendto(datagram(b"still relayed"), relay)
-        assert (await dialer.flows[0].sent.receive())[0] == b"still relayed"
+        assert (await uplink.flows[0].sent.receive())[0] == b"still relayed"
         await control.aclose()
         client.close()
     assert len(logs.matching("udp datagram dropped")) == 1
@@ -425,7 +425,7 @@ async def test_listen_address_in_use_names_it_and_what_holds_it() -> None:
         taken = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
         port = taken.socket.getsockname()[1]
         with pytest.raises(ListenError) as caught:
-            await serve_socks5(FailingDialer(AssertionError()), [("127.0.0.1", port)])
+            await serve_socks5(FailingUplink(AssertionError()), [("127.0.0.1", port)])
         await taken.aclose()
     assert caught.value.errno == errno.EADDRINUSE
     assert isinstance(caught.value, OSError)  # the CLI reports OSErrors without a traceback
@@ -447,4 +447,4 @@ async def test_listen_address_in_use_names_it_and_what_holds_it() -> None:
 )
 async def test_bad_limits_are_refused_by_name(limits: dict, named: str) -> None:
     with trio.fail_after(5), pytest.raises(ValueError, match=named):
-        await serve_socks5(FailingDialer(AssertionError()), [("127.0.0.1", 0)], **limits)
+        await serve_socks5(FailingUplink(AssertionError()), [("127.0.0.1", 0)], **limits)

@@ -18,10 +18,10 @@ from tests.proxy.fakes import (
     AUTH_GREETING,
     NOAUTH,
     OK_ZERO,
-    FailingDialer,
-    LoopbackDialer,
-    ScriptedDialer,
+    FailingUplink,
+    LoopbackUplink,
     ScriptedStream,
+    ScriptedUplink,
     auth,
     domain,
     echo_handler,
@@ -50,11 +50,11 @@ async def test_connect_ipv4_echo_1mib_byte_exact(
 ) -> None:
     caplog.set_level(logging.INFO, logger="proxy.server")
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink)
         stream, reply = await handshake(proxy, request(ipv4("192.0.2.1"), 8080))
         assert reply == OK_ZERO
-        assert dialer.asked == [("192.0.2.1", 8080)]
+        assert uplink.asked == [("192.0.2.1", 8080)]
         data = payload_1mib()
         assert len(data) == 1 << 20
         received = bytearray()
@@ -82,15 +82,15 @@ async def test_connect_ipv4_echo_1mib_byte_exact(
         (ipv6("2001:db8:0:0:0:0:0:1"), "2001:db8::1"),
     ],
 )
-async def test_connect_passes_host_text_to_dialer(
+async def test_connect_passes_host_text_to_the_uplink(
     nursery: trio.Nursery, addr: bytes, asked: str
 ) -> None:
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink)
         stream, reply = await handshake(proxy, request(addr, 443))
         assert reply == OK_ZERO
-        assert dialer.asked == [(asked, 443)]
+        assert uplink.asked == [(asked, 443)]
         await stream.send_all(b"ping\x00")
         assert await recv_exactly(stream, 5) == b"ping\x00"
         await stream.aclose()
@@ -98,9 +98,9 @@ async def test_connect_passes_host_text_to_dialer(
 
 async def test_listens_on_ipv4_and_ipv6_with_port_zero(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
         listen = [("127.0.0.1", 0), ("::1", 0)]
-        bound = await nursery.start(partial(serve_socks5, dialer, listen))
+        bound = await nursery.start(partial(serve_socks5, uplink, listen))
         assert [host for host, _ in bound] == ["127.0.0.1", "::1"]
         assert all(port > 0 for _, port in bound)
         for address in bound:
@@ -114,7 +114,7 @@ async def test_listens_on_ipv4_and_ipv6_with_port_zero(nursery: trio.Nursery) ->
 async def test_success_reply_carries_bound_address(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         remote = ScriptedStream(bound_address=("10.64.0.2", 50001))
-        proxy = await start_proxy(nursery, ScriptedDialer(remote))
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
         stream, reply = await handshake(proxy, request(domain("example.test"), 80))
         assert reply == b"\x05\x00\x00\x01\x0a\x40\x00\x02\xc3\x51"
         await stream.aclose()
@@ -126,7 +126,7 @@ async def test_success_reply_carries_bound_address(nursery: trio.Nursery) -> Non
 async def test_trailing_data_after_request_is_forwarded_first(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         remote = ScriptedStream()
-        proxy = await start_proxy(nursery, ScriptedDialer(remote))
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
         stream = await trio.open_tcp_stream(*proxy)
         early = b"GET / HTTP/1.0\r\n\r\n"
         await stream.send_all(NOAUTH + request(domain("example.test"), 80) + early)
@@ -156,8 +156,8 @@ async def test_dial_error_reply(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, failure: DialFailure, code: ReplyCode
 ) -> None:
     with trio.fail_after(10):
-        dialer = FailingDialer(DialError(failure, "modem says 565"))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = FailingUplink(DialError(failure, "modem says 565"))
+        proxy = await start_proxy(nursery, uplink)
         stream, reply = await handshake(proxy, request(domain("nowhere.invalid"), 80))
         assert reply == refusal(code)
         assert await recv_all(stream) == b""
@@ -166,11 +166,11 @@ async def test_dial_error_reply(
     assert any(f"reply={code:#04x} {code.name}" in r.getMessage() for r in warnings)
 
 
-async def test_dialer_exception_is_general_failure_and_logged(
+async def test_an_uplink_exception_is_general_failure_and_logged(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     with trio.fail_after(10):
-        proxy = await start_proxy(nursery, FailingDialer(RuntimeError("modem on fire")))
+        proxy = await start_proxy(nursery, FailingUplink(RuntimeError("modem on fire")))
         stream, reply = await handshake(proxy, request(ipv4("192.0.2.1"), 80))
         assert reply == refusal(ReplyCode.GENERAL_FAILURE)
         assert await recv_all(stream) == b""
@@ -189,18 +189,18 @@ def test_every_dial_failure_has_exactly_one_reply() -> None:
 @pytest.mark.parametrize("cmd", [2, 3])  # BIND; UDP ASSOCIATE (until the UDP issue lands)
 async def test_bind_and_udp_associate_not_supported(nursery: trio.Nursery, cmd: int) -> None:
     with trio.fail_after(10):
-        dialer = FailingDialer(AssertionError("must not dial"))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = FailingUplink(AssertionError("must not dial"))
+        proxy = await start_proxy(nursery, uplink)
         stream, reply = await handshake(proxy, request(ipv4("0.0.0.0"), 0, cmd=cmd))
         assert reply == refusal(ReplyCode.COMMAND_NOT_SUPPORTED)
         assert await recv_all(stream) == b""
-        assert dialer.asked == []
+        assert uplink.asked == []
         await stream.aclose()
 
 
 async def test_unknown_atyp_is_address_type_not_supported(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        proxy = await start_proxy(nursery, FailingDialer(AssertionError("must not dial")))
+        proxy = await start_proxy(nursery, FailingUplink(AssertionError("must not dial")))
         stream, reply = await handshake(proxy, b"\x05\x01\x00\x02" + bytes(6))
         assert reply == refusal(ReplyCode.ADDRESS_TYPE_NOT_SUPPORTED)
         assert await recv_all(stream) == b""
@@ -209,7 +209,7 @@ async def test_unknown_atyp_is_address_type_not_supported(nursery: trio.Nursery)
 
 async def test_bad_version_just_closes(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        proxy = await start_proxy(nursery, FailingDialer(AssertionError("must not dial")))
+        proxy = await start_proxy(nursery, FailingUplink(AssertionError("must not dial")))
         stream = await trio.open_tcp_stream(*proxy)
         await stream.send_all(b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00")  # SOCKS4 CONNECT
         assert await recv_all(stream) == b""
@@ -218,8 +218,8 @@ async def test_bad_version_just_closes(nursery: trio.Nursery) -> None:
 
 async def test_rfc1929_good_password(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, echo_handler))
-        proxy = await start_proxy(nursery, dialer, users={"bob": "s3cret-ü"})
+        uplink = LoopbackUplink(await start_tcp(nursery, echo_handler))
+        proxy = await start_proxy(nursery, uplink, users={"bob": "s3cret-ü"})
         stream = await trio.open_tcp_stream(*proxy)
         await stream.send_all(AUTH_GREETING)
         assert await recv_exactly(stream, 2) == b"\x05\x02"
@@ -237,12 +237,12 @@ async def test_rfc1929_bad_credentials(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, user: bytes, password: bytes
 ) -> None:
     with trio.fail_after(10):
-        dialer = FailingDialer(AssertionError("must not dial"))
-        proxy = await start_proxy(nursery, dialer, users={"bob": "s3cret"})
+        uplink = FailingUplink(AssertionError("must not dial"))
+        proxy = await start_proxy(nursery, uplink, users={"bob": "s3cret"})
         stream = await trio.open_tcp_stream(*proxy)
         await stream.send_all(AUTH_GREETING + auth(user, password))
         assert await recv_all(stream) == b"\x05\x02\x01\x01"
-        assert dialer.asked == []
+        assert uplink.asked == []
         await stream.aclose()
     assert "auth failed" in caplog.text
     assert "s3cret" not in caplog.text
@@ -251,7 +251,7 @@ async def test_rfc1929_bad_credentials(
 
 async def test_auth_required_but_not_offered(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
-        proxy = await start_proxy(nursery, FailingDialer(AssertionError()), users={"bob": "x"})
+        proxy = await start_proxy(nursery, FailingUplink(AssertionError()), users={"bob": "x"})
         stream = await trio.open_tcp_stream(*proxy)
         await stream.send_all(NOAUTH)
         assert await recv_all(stream) == b"\x05\xff"
@@ -260,7 +260,7 @@ async def test_auth_required_but_not_offered(nursery: trio.Nursery) -> None:
 
 async def test_handshake_timeout(nursery: trio.Nursery, autojump_clock: trio.abc.Clock) -> None:
     with trio.fail_after(60):
-        proxy = await start_proxy(nursery, FailingDialer(AssertionError()), handshake_timeout=30)
+        proxy = await start_proxy(nursery, FailingUplink(AssertionError()), handshake_timeout=30)
         stream = await trio.open_tcp_stream(*proxy)
         start = trio.current_time()
         await stream.send_all(b"\x05\x01")  # greeting cut short: the method never comes
@@ -280,8 +280,8 @@ async def test_half_close_client_first(nursery: trio.Nursery) -> None:
             await stream.send_eof()
 
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, answer_after_eof))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = LoopbackUplink(await start_tcp(nursery, answer_after_eof))
+        proxy = await start_proxy(nursery, uplink)
         stream, _ = await handshake(proxy, request(domain("example.test"), 80))
         await stream.send_all(b"whole request")
         await stream.send_eof()
@@ -303,8 +303,8 @@ async def test_half_close_remote_first(nursery: trio.Nursery) -> None:
             done.set()
 
     with trio.fail_after(10):
-        dialer = LoopbackDialer(await start_tcp(nursery, banner_then_read))
-        proxy = await start_proxy(nursery, dialer)
+        uplink = LoopbackUplink(await start_tcp(nursery, banner_then_read))
+        proxy = await start_proxy(nursery, uplink)
         stream, _ = await handshake(proxy, request(domain("example.test"), 80))
         assert await recv_all(stream) == b"banner"
         await stream.send_all(b"late upload")
@@ -321,7 +321,7 @@ async def test_remote_failure_resets_client(
     caplog.set_level(logging.INFO, logger="proxy.server")
     with trio.fail_after(10):
         remote = ScriptedStream()
-        proxy = await start_proxy(nursery, ScriptedDialer(remote))
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
         stream, _ = await handshake(proxy, request(domain("example.test"), 80))
         remote.feed(b"partial")
         assert await recv_exactly(stream, 7) == b"partial"
@@ -336,7 +336,7 @@ async def test_remote_failure_resets_client(
 async def test_remote_failure_after_client_eof_still_resets(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         remote = ScriptedStream()
-        proxy = await start_proxy(nursery, ScriptedDialer(remote))
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
         stream, _ = await handshake(proxy, request(domain("example.test"), 80))
         await stream.send_eof()
         await remote.got_eof.wait()
@@ -349,7 +349,7 @@ async def test_remote_failure_after_client_eof_still_resets(nursery: trio.Nurser
 async def test_client_vanishing_closes_remote(nursery: trio.Nursery) -> None:
     with trio.fail_after(10):
         remote = ScriptedStream()
-        proxy = await start_proxy(nursery, ScriptedDialer(remote))
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
         stream, _ = await handshake(proxy, request(domain("example.test"), 80))
         stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await stream.aclose()  # RST
@@ -357,7 +357,7 @@ async def test_client_vanishing_closes_remote(nursery: trio.Nursery) -> None:
         assert not remote.got_eof.is_set()  # a reset is not an EOF to pass on
 
 
-async def test_success_reply_waits_for_dialer(nursery: trio.Nursery) -> None:
+async def test_success_reply_waits_for_the_uplink(nursery: trio.Nursery) -> None:
     called, release = trio.Event(), trio.Event()
     remote = ScriptedStream()
 
@@ -393,7 +393,7 @@ async def test_handler_crash_resets_that_client_and_server_keeps_serving(
     with trio.fail_after(10):
         broken = ScriptedStream(bound_address=("not an address", 99999))
         good = ScriptedStream()
-        proxy = await start_proxy(nursery, ScriptedDialer(broken, good))
+        proxy = await start_proxy(nursery, ScriptedUplink(broken, good))
         stream = await trio.open_tcp_stream(*proxy)
         await stream.send_all(NOAUTH + request(domain("example.test"), 80))
         assert await recv_exactly(stream, 2) == b"\x05\x00"
@@ -413,7 +413,7 @@ async def test_cancelling_the_server_resets_open_flows(nursery: trio.Nursery) ->
     with trio.fail_after(10):
         remote = ScriptedStream()
         async with trio.open_nursery() as server_nursery:
-            proxy = await start_proxy(server_nursery, ScriptedDialer(remote))
+            proxy = await start_proxy(server_nursery, ScriptedUplink(remote))
             stream, _ = await handshake(proxy, request(domain("example.test"), 80))
             server_nursery.cancel_scope.cancel()
         with pytest.raises(ConnectionResetError):

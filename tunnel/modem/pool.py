@@ -167,11 +167,6 @@ class Slot:
         self.client = ""  # who asked for it (an address), for fair sharing
         self.opening: OpenAnswer | None = None  # while AT+QIOPEN waits for its URC
 
-    @property
-    def socket(self) -> FlowOwner | None:
-        """Old name of `owner` (tunnel.control still reads it)."""
-        return self.owner
-
     def move(self, new: SlotState) -> None:
         if new not in TRANSITIONS[self.state]:
             raise RuntimeError(f"connectID {self.connect_id}: {self.state.name} -> {new.name}")
