@@ -126,6 +126,17 @@ async def test_counters_move_by_what_the_traffic_did(nursery) -> None:
             assert value(after, "uc20_flows_open", modem=m, kind="tcp") == 0
             assert moved("uc20_command_timeouts_total") == 0
 
+            # SEND FAIL (2.7: buffer full, nothing taken): each retried, each counted, and the
+            # bytes counted once, when the modem took them.
+            t.emulator.faults.send_fail(3)
+            await echo_flow(t, echo_port, b"retried")
+            await all_flows_closed(t)
+            retried = await scrape(t)
+            assert value(retried, "uc20_send_fail_retries_total", modem=m) == value(
+                after, "uc20_send_fail_retries_total", modem=m) + 3  # fmt: skip
+            assert value(retried, "uc20_bytes_up_total", modem=m) == value(
+                after, "uc20_bytes_up_total", modem=m) + len(b"retried")  # fmt: skip
+
             # A flow open now is counted as open.
             stream, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
             assert reply == SUCCEEDED
