@@ -9,16 +9,21 @@ from collections.abc import Iterable
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from proxy import ListenError
 from tests.e2e.harness import Tunnel, start_tunnel
 from tests.helpers import echo_handler, receive_exactly, serve_tcp, socks_connect
+from tests.tunnel.daemon.test_supervisor import BrokenNetworkModem
 from tunnel.daemon import cli, control
+from tunnel.daemon.app import Daemon
+from tunnel.daemon.config import Settings
 from tunnel.daemon.lifecycle import Phase
-from tunnel.daemon.metrics import MAX_HEAD, serve_metrics
+from tunnel.daemon.metrics import MAX_HEAD, registry_for, serve_metrics
 from tunnel.emulator import Emulator, serve_pty
 from tunnel.tun import TunFront, TunSettings
 
@@ -265,6 +270,57 @@ async def test_counters_survive_a_modem_reboot(nursery) -> None:
             again = await scrape(t)
             assert value(again, "uc20_flows_opened_total", modem=m) == 2
             assert value(again, "uc20_bytes_up_total", modem=m) == 3010
+
+
+async def test_a_hang_counts_a_timeout_and_a_restart(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    async with start_tunnel(
+        nursery, metrics=("127.0.0.1", 0), probe_interval=0.2, probe_timeout=1.0
+    ) as t:
+        with trio.fail_after(60):
+            m = modem_of(t)
+            await echo_flow(t, echo_port, b"before")
+            await all_flows_closed(t)
+            before = await scrape(t)
+            assert value(before, "uc20_restarts_total", modem=m) == 0
+            t.emulator.faults.hang(cfun_recovers=True)  # the probe times out: AT+CFUN=1,1
+            await t.daemon.wait_phase(Phase.SERVING, 2)
+            after = await scrape(t)
+            assert_not_backwards(before, after)
+            assert value(after, "uc20_restarts_total", modem=m) == 1
+            assert value(after, "uc20_command_timeouts_total", modem=m) >= 1
+            assert value(after, "uc20_modem_reboots_seen_total", modem=m) == 1
+            assert value(after, "uc20_consecutive_failures", modem=m) == 0  # working again
+            assert value(after, "uc20_restart_backoff_seconds", modem=m) == 0
+
+
+async def test_backoff_shows_the_wait_in_virtual_time(autojump_clock) -> None:
+    """The 5th restart in a row waits 10 min (manual 1.1): the gauge says so meanwhile."""
+    async with trio.open_nursery() as nursery:
+        fake = BrokenNetworkModem(nursery)  # start-up works, AT+QIACT always fails
+        settings = Settings(socks=(("127.0.0.1", 0),), registration_timeout=30, control="",
+                            device="socket://fake:1")  # fmt: skip
+        daemon = Daemon(settings, opener=fake.connect)
+        nursery.start_soon(daemon.run)
+        await daemon.wait_phase(Phase.BACKOFF, 5)
+        await trio.testing.wait_all_tasks_blocked()  # in the pause (the clock waits for us)
+        page = generate_latest(registry_for(daemon)).decode()
+        daemon.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
+    m = "fake:1"  # the basename of socket://fake:1
+    assert value(samples, "uc20_restart_backoff_seconds", modem=m) == 600
+    assert value(samples, "uc20_consecutive_failures", modem=m) == 5
+    assert value(samples, "uc20_restarts_total", modem=m) == 4  # the 5th is being waited for
+    assert value(samples, "uc20_phase", modem=m, phase="backoff") == 1
+    assert value(samples, "uc20_serving", modem=m) == 0
+    assert value(samples, "uc20_context_up", modem=m) == 0
+    assert value(samples, "uc20_modem_up", modem=m) == 1
 
 
 async def test_counters_survive_the_port_vanishing(nursery, tmp_path) -> None:
