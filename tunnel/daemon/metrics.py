@@ -294,7 +294,8 @@ class _Responder:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception as exc:
-            log.error("metrics client failed error=%r", exc, exc_info=exc)
+            self.limiter.log(logging.ERROR, "metrics-failed", "metrics client failed error=%r",
+                             exc, exc_info=exc)  # fmt: skip
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
@@ -330,11 +331,21 @@ class _Responder:
         elif target != PATH:
             status, body, extra = 404, b"metrics are at /metrics\n", []
         else:
-            # Read from memory only: a scrape takes well under a millisecond of the loop.
-            status, body, extra = 200, generate_latest(self.registry), []
+            status, body, extra = self._page()
         head = request.method == b"HEAD"
         await _send(stream, conn, status, body, close=has_body, head=head, extra=extra)
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
+
+    def _page(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        try:
+            # Read from memory only: a scrape takes well under a millisecond of the loop.
+            return 200, generate_latest(self.registry), []
+        except Exception as exc:
+            # A bug of ours: answered 500 (Prometheus marks the target down), logged once per
+            # interval however fast a scraper asks, and the daemon goes on.
+            self.limiter.log(logging.ERROR, "metrics-collect", "metrics collection failed "
+                             "error=%r", exc, exc_info=exc)  # fmt: skip
+            return 500, b"collecting the metrics failed\n", []
 
     def _refused(self, kind: str, why: str) -> None:
         self.limiter.log(logging.INFO, f"metrics-{kind}", "metrics request refused reason=%s: %s",
@@ -355,7 +366,8 @@ async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.
 
 
 _REASONS: Final = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed",
-                   414: b"URI Too Long", 431: b"Request Header Fields Too Large"}  # fmt: skip
+                   414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+                   500: b"Internal Server Error"}  # fmt: skip
 
 
 async def _send(

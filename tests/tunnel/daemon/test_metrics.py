@@ -419,6 +419,23 @@ async def test_only_get_and_head_of_metrics_are_answered(nursery) -> None:
     assert collector.scrapes == 3  # GET, GET ?format, HEAD (a page per answer), and no other
 
 
+class Broken(Collector):
+    def collect(self) -> Iterable[Metric]:
+        raise RuntimeError("a bug in a collector")
+
+
+async def test_a_failing_collector_is_a_500_and_the_responder_goes_on(nursery, caplog) -> None:
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    _, port = await nursery.start(serve_metrics, registry, "127.0.0.1", 0)
+    with trio.fail_after(10):
+        for _ in range(3):
+            status, _, body = await exchange(port, get())
+            assert (status, body) == (500, b"collecting the metrics failed\n")
+    # One line however many scrapes fail (the rest are summarised later).
+    assert caplog.text.count("metrics collection failed error=RuntimeError") == 1
+
+
 async def test_keep_alive_carries_several_scrapes(nursery) -> None:
     port, _ = await responder(nursery)
     with trio.fail_after(10):
