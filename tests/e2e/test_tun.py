@@ -71,12 +71,13 @@ def tcp_socket(netns: str) -> trio.socket.SocketType:
 
 
 @contextlib.asynccontextmanager
-async def daemon(netns: str, tmp_path: Path) -> AsyncIterator[Running]:
+async def daemon(netns: str, tmp_path: Path, *extra: str) -> AsyncIterator[Running]:
     command = [
         *("ip", "netns", "exec", netns, BIN, "run", "--emulate"),
         *("--tun", "uc0", "--tun-route", "198.18.0.0/15"),
         *("--socks", "127.0.0.1:0", "--config", "/dev/null"),
         *("--control", str(tmp_path / "control.sock")),
+        *extra,
     ]
     proc = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     assert proc.stderr is not None
@@ -118,6 +119,41 @@ async def test_curl_download_then_sigterm_removes_everything(
     assert not link_exists("uc0", netns)
     assert "198.18" not in ip("route", "show", netns=netns).stdout
     assert re.search(r"tun closed name=uc0 nat_entries=0 opened=1 refused=0", text), text
+
+
+async def test_metrics_count_tun_traffic(netns: str, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The TUN front's series, and the flows' byte totals covering TUN flows like SOCKS ones."""
+    blob = random.Random(6).randbytes(300_000)
+    port = await serve_in(netns, nursery, serve_tcp, http_handler({"file": blob}))
+    async with daemon(netns, tmp_path, "--metrics", "127.0.0.1:0") as running:
+        with trio.fail_after(60):
+            found = await running.log.wait_for(r"metrics listening address=127\.0\.0\.1:(\d+)")
+            out = tmp_path / "file"
+            done = await curl(netns, f"http://{TEST_ADDRESS}:{port}/file", out)
+            assert done.returncode == 0, done.stderr
+            assert out.read_bytes() == blob
+            page = tmp_path / "metrics"
+            done = await curl(netns, f"http://127.0.0.1:{found[1]}/metrics", page)
+            assert done.returncode == 0, done.stderr
+        text = page.read_text()
+
+        def sample(pattern: str) -> float:
+            m = re.search(rf"^{pattern} (\S+)$", text, re.M)
+            assert m, f"{pattern} not in:\n{text}"
+            return float(m[1])
+
+        assert sample(r'uc20_tun_up\{interface="uc0"\}') == 1
+        assert sample(r'uc20_tun_tcp_opened_total\{interface="uc0"\}') == 1
+        # The response is the file plus its head; the request a few dozen bytes.
+        assert sample(r'uc20_tun_bytes_down_total\{interface="uc0"\}') > len(blob)
+        assert sample(r'uc20_bytes_down_total\{modem="\d+"\}') == sample(
+            r'uc20_tun_bytes_down_total\{interface="uc0"\}'
+        )
+        assert sample(r'uc20_bytes_up_total\{modem="\d+"\}') == sample(
+            r'uc20_tun_bytes_up_total\{interface="uc0"\}'
+        )
+        assert sample(r'uc20_flows_opened_total\{modem="\d+"\}') == 1
+        await running.stop()
 
 
 async def test_curl_by_name_resolves_through_the_tun_dns(

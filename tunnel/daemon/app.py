@@ -12,7 +12,7 @@ Stopping (SIGTERM/SIGINT via `Daemon.stop`) closes every flow, deactivates the c
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -23,6 +23,7 @@ from tunnel.at.errors import CommandError, ModemError
 from tunnel.daemon import sdnotify
 from tunnel.daemon.config import Settings
 from tunnel.daemon.lifecycle import (
+    Counters,
     Phase,
     RestartView,
     Status,
@@ -79,6 +80,7 @@ class Daemon:
         self.emulator: object | None = emulator
         self.device = settings.device
         self.socks: list[tuple[str, int]] = []
+        self.metrics: tuple[str, int] | None = None  # the bound metrics address
         self.tun: TunFront | None = None
         self.needs_human = trio.Event()
         self.started_wall = time.time()
@@ -157,6 +159,12 @@ class Daemon:
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
             self.socks = await nursery.start(_serve_proxy, self.gateway, s)
             self.device = device
+            if s.metrics is not None:
+                # Imported here: a daemon without metrics does not load prometheus_client.
+                from tunnel.daemon.metrics import registry_for, serve_metrics
+
+                host, port = s.metrics
+                self.metrics = await nursery.start(serve_metrics, registry_for(self), host, port)
             self._runner = ModemRunner(s, device, self.gateway, self._serving, opener=self._opener)
             self._runner.lifecycle.on_change = self._changed
             if self._stop.is_set():
@@ -208,6 +216,7 @@ class Daemon:
             ip=runner.ip,
             model=identity.model if identity else "",
             revision=identity.revision if identity else "",
+            registration=identity.registration if identity else None,
             signal_dbm=runner.signal_dbm,
             modem_available=modem is not None and modem.alive,
             quiet_for=(now - modem.last_answer) if modem is not None and modem.alive else None,
@@ -232,6 +241,14 @@ class Daemon:
                 else {}
             ),
         )
+
+    def counters(self) -> Counters:
+        """Running totals over the daemon's life (modem sessions, pools, flows' bytes): they
+        never decrease across a modem restart. Read from memory: cheap, for every scrape."""
+        runner = self._runner
+        total = runner.counters() if runner is not None else Counters()
+        up, down = self.gateway.traffic()
+        return replace(total, bytes_up=up, bytes_down=down)
 
     def healthy(self) -> bool:
         """False when the supervision looks wedged (see lifecycle.healthy)."""

@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"control socket path (default {config.SYSTEM_CONTROL} for root, else "
         "$XDG_RUNTIME_DIR/uc20-tunnel/control.sock)",
     )
+    run.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default off)",
+    )
     run.add_argument("--log-level", choices=config.LOG_LEVELS, help="log level (default info)")
     run.add_argument(
         "--check",
@@ -172,6 +177,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "tun_routes": args.tun_routes,
         "emulate": args.emulate,
         "control": args.control,
+        "metrics": args.metrics,
         "log_level": args.log_level,
     }
     return config.build(file_values, overrides)

@@ -111,6 +111,7 @@ class Settings:
     tun_half_open_timeout: float = 10.0
     tun_open_timeout: float = 30.0
     control: str = field(default_factory=default_control_path)
+    metrics: tuple[str, int] | None = None  # Prometheus /metrics listen address; None: off
     log_level: str = "info"
     reset_command: str = ""
     probe_interval: float = 30.0
@@ -221,6 +222,10 @@ def _socks(key: str, v: Any) -> tuple[tuple[str, int], ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError(f'{key}: expected "HOST:PORT" or a list of them')
     return tuple(parse_hostport(_str(key, i), key) for i in items)
+
+
+def _metrics(key: str, v: Any) -> tuple[str, int]:
+    return parse_hostport(_str(key, v), key)
 
 
 def _users(key: str, v: Any) -> dict[str, str]:
@@ -336,6 +341,7 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "tun_half_open_timeout": _positive,
     "tun_open_timeout": _positive,
     "control": _device,
+    "metrics": _metrics,
     "log_level": _choice(*LOG_LEVELS),
     "reset_command": _str,
     "probe_interval": _positive,

@@ -23,10 +23,11 @@ Why these phases (manual 1.1 and 2.16.5; DESIGN.md principle 7):
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
-from tunnel.modem.pool import FlowView
+from tunnel.modem.engine import ModemStats
+from tunnel.modem.pool import FlowView, SocketPool
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,51 @@ class Status:
     restarts: tuple[RestartView, ...] = field(default=())
     sessions: int = 0
     modem_stats: dict[str, int] = field(default_factory=dict)
+    registration: int | None = None  # the +CGREG <stat> the last start-up ended with
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """Totals over the daemon's whole life, for the metrics: every modem session and every pool
+    added up, so they never decrease (a new Modem or SocketPool starts its own at zero).
+    Built by Daemon.counters()."""
+
+    commands: int = 0  # AT commands written
+    timeouts: int = 0  # commands past the manual's limit
+    serial_bytes_in: int = 0
+    serial_bytes_out: int = 0
+    garbage_lines: int = 0
+    reboots_seen: int = 0  # RDY
+    flows_opened: int = 0
+    flows_reclaimed: int = 0
+    flows_idle_closed: int = 0
+    send_fail_retries: int = 0
+    buffer_switches: int = 0
+    bytes_up: int = 0  # through the flows (ModemGateway.traffic)
+    bytes_down: int = 0
+    restarts: int = 0  # by the supervisor (AT+CFUN=1,1 / reset_command)
+    sessions: int = 0  # times the port was opened
+
+    def plus_modem(self, stats: ModemStats) -> "Counters":
+        return replace(
+            self,
+            commands=self.commands + stats.commands,
+            timeouts=self.timeouts + stats.timeouts,
+            serial_bytes_in=self.serial_bytes_in + stats.bytes_in,
+            serial_bytes_out=self.serial_bytes_out + stats.bytes_out,
+            garbage_lines=self.garbage_lines + stats.garbage_lines,
+            reboots_seen=self.reboots_seen + stats.reboots_seen,
+        )
+
+    def plus_pool(self, pool: SocketPool) -> "Counters":
+        return replace(
+            self,
+            flows_opened=self.flows_opened + pool.opened_total,
+            flows_reclaimed=self.flows_reclaimed + pool.reclaimed_total,
+            flows_idle_closed=self.flows_idle_closed + pool.idle_closed_total,
+            send_fail_retries=self.send_fail_retries + pool.send_fail_retries,
+            buffer_switches=self.buffer_switches + pool.buffer_switches,
+        )
 
 
 def healthy(status: Status, quiet_limit: float) -> bool:

@@ -10,6 +10,7 @@ pool stays). Leaving a scope closes what it opened.
 import logging
 import shlex
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Final
 
 import trio
@@ -18,7 +19,7 @@ from tunnel.at import commands as at
 from tunnel.at.errors import CommandError, CommandTimeout, ModemError, ModemGone, ModemRebooted
 from tunnel.at.events import PdpDeactivated
 from tunnel.daemon.config import Settings
-from tunnel.daemon.lifecycle import ON_PORT, WITH_POOL, Cause, Lifecycle, Phase
+from tunnel.daemon.lifecycle import ON_PORT, WITH_POOL, Cause, Counters, Lifecycle, Phase
 from tunnel.daemon.supervisor import Supervisor
 from tunnel.modem import context
 from tunnel.modem.engine import Modem, frame_timeout, with_timeout
@@ -65,6 +66,10 @@ class ModemRunner:
         self.problem = ""
         self.signal_dbm: int | None = None
         self.sessions = 0
+        # The counters of finished sessions and pools; the live ones are added when asked.
+        self._past = Counters()
+        self._live_modem: Modem | None = None
+        self._live_pool: SocketPool | None = None
         self._reason = ""  # why the last failure happened: the restart's reason
         self._stop = trio.Event()
         self._stop_scope: trio.CancelScope | None = None  # cut a long phase short on stop
@@ -77,6 +82,15 @@ class ModemRunner:
         self._stop.set()
         if self._stop_scope is not None:
             self._stop_scope.cancel()
+
+    def counters(self) -> Counters:
+        """Modem and pool counters over every session so far (never decreasing)."""
+        total = self._past
+        if self._live_modem is not None:
+            total = total.plus_modem(self._live_modem.stats)
+        if self._live_pool is not None:
+            total = total.plus_pool(self._live_pool)
+        return replace(total, sessions=self.sessions, restarts=self.supervisor.restarts)
 
     def _fire(self, outcome: Outcome) -> Phase:
         cause, detail = outcome
@@ -109,39 +123,52 @@ class ModemRunner:
         self.sessions += 1
         s = self.settings
         cut_after = s.frame_timeout or frame_timeout(s.baud or DEFAULT_BAUD)
-        async with Modem.open(stream, frame_timeout=cut_after) as modem:
-            self.modem = modem  # kept after the port closes: its counters stay readable
-            while self.phase in ON_PORT:
-                if self.phase in WITH_POOL:
-                    await self._with_pool(modem)
-                else:
-                    self._fire(await self._handle(modem, self.phase))
-            if self.phase is Phase.STOPPING:
-                self._fire((Cause.STOPPED, await self._stopping(modem)))
-            elif self.phase is Phase.OPENING_PORT:
-                # The port broke: give a vanishing USB device a moment before looking again.
-                with trio.move_on_after(PORT_POLL):
-                    await self._stop.wait()
+        try:
+            async with Modem.open(stream, frame_timeout=cut_after) as modem:
+                self.modem = modem  # kept after the port closes: its counters stay readable
+                self._live_modem = modem
+                while self.phase in ON_PORT:
+                    if self.phase in WITH_POOL:
+                        await self._with_pool(modem)
+                    else:
+                        self._fire(await self._handle(modem, self.phase))
+                if self.phase is Phase.STOPPING:
+                    self._fire((Cause.STOPPED, await self._stopping(modem)))
+                elif self.phase is Phase.OPENING_PORT:
+                    # The port broke: give a vanishing USB device a moment before looking again.
+                    with trio.move_on_after(PORT_POLL):
+                        await self._stop.wait()
+        finally:
+            # Its reader has ended: the session's counts are final. Folded in in one step with
+            # no checkpoint, so no reader of counters() sees them twice or not at all.
+            if self._live_modem is not None:
+                self._past = self._past.plus_modem(self._live_modem.stats)
+                self._live_modem = None
 
     async def _with_pool(self, modem: Modem) -> None:
         s = self.settings
         share = SharePolicy(s.reclaim_idle, s.client_flows, s.idle_timeout)
-        async with SocketPool.open(modem, s.context, share) as pool:
-            self.pool = pool
-            services = ModemServices(modem, s.context)
-            try:
-                while self.phase in WITH_POOL:
-                    if self.phase is Phase.SERVING:
-                        outcome = await self._serving(modem, pool, services)
-                    else:
-                        outcome = await self._recovering(modem, pool)
-                    if outcome[0] in (Cause.RDY, Cause.HUNG):
-                        # The modem lost (or cannot close) its sockets: free the ids at once.
-                        await pool.reclaim(outcome[0].value, modem_lost_sockets=True)
-                    self._fire(outcome)
-            finally:
-                self.gateway.set_pool(None)
-                self.pool = None
+        try:
+            async with SocketPool.open(modem, s.context, share) as pool:
+                self.pool = self._live_pool = pool
+                services = ModemServices(modem, s.context)
+                try:
+                    while self.phase in WITH_POOL:
+                        if self.phase is Phase.SERVING:
+                            outcome = await self._serving(modem, pool, services)
+                        else:
+                            outcome = await self._recovering(modem, pool)
+                        if outcome[0] in (Cause.RDY, Cause.HUNG):
+                            # The modem lost (or cannot close) its sockets: free the ids now.
+                            await pool.reclaim(outcome[0].value, modem_lost_sockets=True)
+                        self._fire(outcome)
+                finally:
+                    self.gateway.set_pool(None)
+                    self.pool = None
+        finally:
+            if self._live_pool is not None:  # closed: its counts are final (as the modem's)
+                self._past = self._past.plus_pool(self._live_pool)
+                self._live_pool = None
 
     async def _handle(self, modem: Modem, phase: Phase) -> Outcome:
         handler = {

@@ -52,6 +52,7 @@ class Supervisor:
     failures: int = 0
     history: list[RestartRecord] = field(default_factory=list)
     next_restart_at: float | None = None
+    restarts: int = 0  # every restart so far (history keeps only the latest 50)
 
     async def before_restart(
         self, reason: str, sleep: Callable[[float], Awaitable[None]] = trio.sleep
@@ -66,6 +67,7 @@ class Supervisor:
             await sleep(pause)
         self.next_restart_at = None
         log.warning("restarting modem attempt=%d reason=%s", attempt, reason)
+        self.restarts += 1
         self.history.append(RestartRecord(trio.current_time(), time.time(), reason, attempt))
         del self.history[:-50]
         return attempt

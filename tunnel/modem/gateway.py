@@ -6,7 +6,7 @@ the network to come back, then fails with NETWORK_DOWN: it never hangs.
 """
 
 import logging
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
@@ -49,6 +49,16 @@ def failure_for(exc: BaseException) -> DialFailure:
     return DialFailure.FAILED
 
 
+class _Counted(Protocol):
+    """A flow whose bytes the gateway adds up (ModemSocket, ModemUdpFlow)."""
+
+    @property
+    def closed(self) -> bool: ...
+
+    bytes_sent: int
+    bytes_received: int
+
+
 class ModemGateway:
     """Satisfies uplink.Uplink; the daemon also asks it for ping reports and NTP."""
 
@@ -65,6 +75,13 @@ class ModemGateway:
         self.resolver = Resolver()
         self._available = trio.Event()
         self.connect_wait = connect_wait
+        # Bytes through every flow opened here, for the metrics: the flows count their own
+        # bytes (no work added per chunk); these hold the flows not yet closed and the sum of
+        # the closed ones, folded in at each open and each look (so at most the live flows and
+        # those closed since the last open are held).
+        self._counted: list[_Counted] = []
+        self._closed_up = 0
+        self._closed_down = 0
         self.set_pool(pool)
 
     def set_pool(self, pool: SocketPool | None, services: ModemServices | None = None) -> None:
@@ -113,14 +130,43 @@ class ModemGateway:
             )
         except (ModemError, ValueError, trio.TooSlowError) as exc:
             raise DialError(failure_for(exc), f"{type(exc).__name__}: {exc}") from exc
+        self._count(sock)
         return sock
 
     async def open_udp(self, *, client: str = "") -> ModemUdpFlow:
         pool, slot = await self._reserve(client)
         try:
-            return await open_udp(pool, slot)
+            flow = await open_udp(pool, slot)
         except (ModemError, trio.TooSlowError) as exc:
             raise DialError(failure_for(exc), f"{type(exc).__name__}: {exc}") from exc
+        self._count(flow)
+        return flow
+
+    def traffic(self) -> tuple[int, int]:
+        """Bytes up (taken by the modem: SEND OK) and down (handed to the fronts) through
+        every flow opened here so far, closed ones included; never decreases."""
+        self._fold_closed()
+        up, down = self._closed_up, self._closed_down
+        for flow in self._counted:
+            up += flow.bytes_sent
+            down += flow.bytes_received
+        return up, down
+
+    def _count(self, flow: _Counted) -> None:
+        self._fold_closed()
+        self._counted.append(flow)
+
+    def _fold_closed(self) -> None:
+        if not any(flow.closed for flow in self._counted):
+            return
+        live = []
+        for flow in self._counted:
+            if flow.closed:
+                self._closed_up += flow.bytes_sent
+                self._closed_down += flow.bytes_received
+            else:
+                live.append(flow)
+        self._counted = live
 
     async def resolve(self, name: str, *, client: str = "") -> DnsAnswer:
         with trio.move_on_after(self.connect_wait):

@@ -200,6 +200,9 @@ class SocketPool:
         self._all_free = trio.Event()
         self._all_free.set()
         self.opened_total = 0
+        # Counted where they happen anyway (a rare path each), for the daemon's metrics.
+        self.send_fail_retries = 0  # SEND FAIL answers whose bytes went again later (2.7)
+        self.buffer_switches = 0  # flows moved to buffer access mode (AT+QISWTMD=<id>,0, 2.9)
 
     @classmethod
     @contextlib.asynccontextmanager

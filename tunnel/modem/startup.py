@@ -5,7 +5,7 @@ is configured, and only once per start; a rejected PIN stops everything with a c
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 
@@ -47,6 +47,7 @@ class RegistrationTimeout(ModemError):
 class Identity:
     model: str
     revision: str
+    registration: int | None = None  # the +CGREG <stat> start-up ended with (1 home, 5 roaming)
 
 
 async def sync(modem: Modem) -> None:
@@ -181,7 +182,7 @@ async def start_up(modem: Modem, *, pin: str | None, registration_limit: float) 
     ident = await identify(modem)
     log.info("modem model=%s revision=%s", ident.model, ident.revision)
     await check_sim(modem, pin)
-    await wait_registered(modem, registration_limit)
+    stat = await wait_registered(modem, registration_limit)
     if modem.restarted.is_set():
         raise ModemRebooted("modem restarted during start-up")
-    return ident
+    return replace(ident, registration=stat)

@@ -98,6 +98,11 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self.bound_address: tuple[str, int] | None = None
         self._idle_closed = ""
 
+    @property
+    def closed(self) -> bool:
+        """aclose() was called: the byte counts are final."""
+        return self._closed
+
     # --- FlowOwner: called by the serial reader (never block) -------------------------------
 
     def on_push(self, data: bytes, remote: tuple[str, int] | None = None) -> None:
@@ -200,6 +205,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 self._failure = self._failure or f"switch to buffer mode failed: {exc}"
                 return self.rx.switch_done(False) | self.rx.fail(self._failure)
             # Once per flow at most (it never switches back): a client cannot flood the log.
+            self._pool.buffer_switches += 1
             log.info("flow paused id=%d buffered=%d reason=client-stalled mode=buffer", cid,
                      self.rx.buffered)  # fmt: skip
             return self.rx.switch_done(True)
@@ -303,6 +309,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 await modem.send_data(self.connect_id, chunk)
             except SendBufferFull:
                 # 2.7: SEND FAIL means the buffer is full; the same bytes go again later.
+                self._pool.send_fail_retries += 1
                 if trio.current_time() + pause > deadline:
                     self._break("send buffer full for 60 s")
                     raise trio.BrokenResourceError("modem send buffer stayed full") from None

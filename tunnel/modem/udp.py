@@ -59,8 +59,10 @@ class ModemUdpFlow:
         self._failure: str | None = None
         self._modem_lost = False
         self._closed = False
-        self.sent = 0
+        self.sent = 0  # datagrams
         self.received = 0
+        self.bytes_sent = 0  # their payload bytes
+        self.bytes_received = 0
         self.dropped = 0
         self.opened_at = trio.current_time()
 
@@ -80,11 +82,13 @@ class ModemUdpFlow:
             try:
                 await self._pool.modem.send_data(self.connect_id, data, (ip, remote[1]))
             except SendBufferFull:
+                self._pool.send_fail_retries += 1
                 await trio.sleep(0.05)
                 continue
             except ModemError as exc:
                 raise trio.BrokenResourceError(f"send failed: {exc}") from exc
             self.sent += 1
+            self.bytes_sent += len(data)
             return
         log.warning("udp datagram dropped: modem send buffer full id=%d", self.connect_id)
 
@@ -98,7 +102,14 @@ class ModemUdpFlow:
             self._wakeup = trio.Event()
             await self._wakeup.wait()
         self.received += 1
-        return self._queue.popleft()
+        datagram = self._queue.popleft()
+        self.bytes_received += len(datagram[0])
+        return datagram
+
+    @property
+    def closed(self) -> bool:
+        """aclose() was called: the byte counts are final."""
+        return self._closed
 
     async def aclose(self) -> None:
         if self._closed:

@@ -51,6 +51,9 @@ def load_text(tmp_path: Path, text: str) -> dict:
         ('device = ""\n', "device", 1),
         ("connect_wait = true\n", "connect_wait", 1),
         ("\n\nsocks_port = 1080\n", "socks_port", 3),
+        ('metrics = "9464"\n', "metrics", 1),
+        ('apn = "x"\nmetrics = "prometheus.lan:9464"\n', "metrics", 2),
+        ('metrics = ["127.0.0.1:9464"]\n', "metrics", 1),
     ],
 )
 def test_bad_values_name_the_key_and_line(tmp_path: Path, text: str, key: str, line) -> None:
@@ -79,6 +82,15 @@ def test_flags_override_the_file_and_are_checked_too(tmp_path: Path) -> None:
     assert settings.socks == (("127.0.0.1", 1081),)
     with pytest.raises(ConfigError, match="--context"):
         config.build(values, {"context": 0})
+
+
+def test_metrics_is_off_by_default_and_a_listen_address_when_set(tmp_path: Path) -> None:
+    assert config.build({}, {}).metrics is None
+    values = load_text(tmp_path, 'metrics = "127.0.0.1:9464"\n')
+    assert config.build(values, {}).metrics == ("127.0.0.1", 9464)
+    assert config.build(values, {"metrics": "[::1]:9100"}).metrics == ("::1", 9100)
+    with pytest.raises(ConfigError, match=r"--metrics: metrics: '9464' is not HOST:PORT"):
+        config.build(values, {"metrics": "9464"})
 
 
 def test_ipv6_listen_and_users(tmp_path: Path) -> None:
