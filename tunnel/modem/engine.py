@@ -232,6 +232,17 @@ class Modem:
         handlers.append(handler)
         return lambda: handlers.remove(handler)
 
+    def waiting_for(self, now: float) -> float:
+        """How long the command in flight has waited for its answer (0 with none in flight).
+
+        Read from its deadline (the limit minus the time left), so the hot path keeps no clock
+        of its own for it. A modem that stops answering shows here long before the manual's
+        limit declares it hung; several modems use it to stop handing it new flows."""
+        limit, pending = self._limit, self._pending
+        if limit is None or pending is None:
+            return 0.0
+        return max(0.0, now - (limit.deadline - pending.command.timeout))
+
     @property
     def alive(self) -> bool:
         return self._gone is None

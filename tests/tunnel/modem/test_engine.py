@@ -372,3 +372,15 @@ async def test_a_chained_command_past_its_limit_times_out(pty_pair, autojump_clo
         with pytest.raises(CommandTimeout):
             await modem.chain(at.qird(3), follow)
     assert modem.unresponsive.is_set()
+
+
+async def test_waiting_for_tells_how_long_the_command_in_flight_waits(pair) -> None:
+    modem, peer = pair
+    assert modem.waiting_for(trio.current_time()) == 0.0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(modem.command, at.qiact_query())
+        await peer.expect(b"AT+QIACT?\r")
+        started = trio.current_time()
+        assert modem.waiting_for(started + 2.5) == pytest.approx(2.5, abs=0.05)
+        await peer.send(b"\r\nOK\r\n")
+    assert modem.waiting_for(trio.current_time() + 100) == 0.0
