@@ -49,6 +49,7 @@ class RxState(Enum):
     EMPTY = auto()  # buffer access mode, the modem holds nothing: wait for a "recv" notice
     DRAIN = auto()  # the peer closed; buffer access mode: read out what the modem holds
     DRAIN_READING = auto()  # ... with an AT+QIRD in flight
+    DRAIN_READING_MORE = auto()  # ... and a "recv" notice came during it: read again after it
     ENDED = auto()  # nothing more will come from the modem: EOF once the buffer is empty
     DONE = auto()  # the consumer has seen the EOF
     FAILED = auto()  # the stream is broken: the consumer gets an error after buffered bytes
@@ -99,13 +100,17 @@ TRANSITIONS: Final[dict[RxState, dict[Ev, RxState]]] = {
                              read_sent=S.READING),
     S.READING:          _row(S.READING,         S.READING_MORE,     S.DRAIN_READING,
                              read_data=S.HELD, read_empty=S.EMPTY, read_error=S.FAILED),
-    S.READING_MORE:     _row(S.READING_MORE,    S.READING_MORE,     S.DRAIN_READING,
+    S.READING_MORE:     _row(S.READING_MORE,    S.READING_MORE,     S.DRAIN_READING_MORE,
                              read_data=S.HELD, read_empty=S.HELD, read_error=S.FAILED),
     S.EMPTY:            _row(S.EMPTY,           S.HELD,             S.DRAIN),
     S.DRAIN:            _row(S.DRAIN,           S.DRAIN,            S.DRAIN,
                              read_sent=S.DRAIN_READING),
-    S.DRAIN_READING:    _row(S.DRAIN_READING,   S.DRAIN_READING,    S.DRAIN_READING,
+    S.DRAIN_READING:    _row(S.DRAIN_READING,   S.DRAIN_READING_MORE, S.DRAIN_READING,
                              read_data=S.DRAIN, read_empty=S.ENDED, read_error=S.FAILED),
+    # The notice came after the read's answer was taken (its OK trails URCs): data arrived
+    # after it, before "closed"; an empty answer here is not the end.
+    S.DRAIN_READING_MORE: _row(S.DRAIN_READING_MORE, S.DRAIN_READING_MORE, S.DRAIN_READING_MORE,
+                             read_data=S.DRAIN, read_empty=S.DRAIN, read_error=S.FAILED),
     # Every byte is here once ENDED: a later failure takes nothing away. A push after the
     # "closed" URC is still in order until the consumer has seen the EOF; after it, not.
     S.ENDED:            _row(S.ENDED,           S.ENDED,            S.ENDED,
@@ -116,7 +121,7 @@ TRANSITIONS: Final[dict[RxState, dict[Ev, RxState]]] = {
 # fmt: on
 
 BUFFER_MODE: Final = frozenset(
-    {S.HELD, S.READING, S.READING_MORE, S.EMPTY, S.DRAIN, S.DRAIN_READING}
+    {S.HELD, S.READING, S.READING_MORE, S.EMPTY, S.DRAIN, S.DRAIN_READING, S.DRAIN_READING_MORE}
 )
 READ_DUE: Final = frozenset({S.HELD, S.DRAIN})
 
@@ -368,6 +373,7 @@ class Receiver:
             RxState.SWITCHING_CLOSED,
             RxState.DRAIN,
             RxState.DRAIN_READING,
+            RxState.DRAIN_READING_MORE,
             RxState.ENDED,
             RxState.DONE,
         )
