@@ -11,6 +11,7 @@ import trio
 
 from tunnel.daemon.app import Daemon, Serving
 from tunnel.daemon.config import Settings
+from tunnel.daemon.lifecycle import Phase
 from tunnel.emulator import Emulator
 
 
@@ -32,9 +33,14 @@ class Tunnel:
 
 @contextlib.asynccontextmanager
 async def start_tunnel(
-    nursery: trio.Nursery, emulator: Emulator | None = None, **overrides: Any
+    nursery: trio.Nursery,
+    emulator: Emulator | None = None,
+    *,
+    emulators: list[Emulator] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Tunnel]:
-    """A daemon (settings `overrides`) on the emulator, stopped gracefully on exit."""
+    """A daemon (settings `overrides`) on the emulator, stopped gracefully on exit; with
+    `emulators` (and `modems` in the overrides), several modems, yielded once all serve."""
     # A control socket of its own: never the system's (another daemon may hold it).
     private = tempfile.mkdtemp(prefix="uc20-test-")
     values: dict[str, Any] = {
@@ -45,7 +51,7 @@ async def start_tunnel(
         "registration_timeout": 30,
     }
     values.update(overrides)
-    daemon = Daemon(Settings(**values), emulator=emulator)
+    daemon = Daemon(Settings(**values), emulator=emulator, emulators=emulators)  # type: ignore[arg-type]
     finished = trio.Event()
 
     async def run(*, task_status: trio.TaskStatus[Serving]) -> None:
@@ -56,6 +62,8 @@ async def start_tunnel(
 
     with trio.fail_after(30):
         serving = await nursery.start(run)
+        for index in range(len(daemon.modem_configs)):
+            await daemon.wait_phase(Phase.SERVING, modem=index)
     yield Tunnel(daemon, serving)
     # A graceful stop: flows closed and the context deactivated before the emulator goes.
     daemon.stop()

@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -21,6 +22,7 @@ from proxy import serve_socks5
 from tunnel.at import commands as at
 from tunnel.at.errors import CommandError, ModemError
 from tunnel.daemon import sdnotify
+from tunnel.daemon.balance import Balance, Balancer, Candidate
 from tunnel.daemon.config import Settings
 from tunnel.daemon.lifecycle import (
     Counters,
@@ -31,11 +33,13 @@ from tunnel.daemon.lifecycle import (
     healthy,
     status_line,
 )
+from tunnel.daemon.modem_set import Member, ModemSet
 from tunnel.daemon.runner import ModemRunner, PortOpener
 from tunnel.daemon.supervisor import Supervisor
 from tunnel.modem.engine import Modem
 from tunnel.modem.gateway import ModemGateway
 from tunnel.modem.pool import SocketPool
+from uplink import Uplink
 
 if TYPE_CHECKING:
     from tunnel.daemon.control import ClaimedSocket
@@ -69,32 +73,60 @@ class Daemon:
         settings: Settings,
         *,
         emulator: object | None = None,
+        emulators: list[object] | None = None,
         opener: PortOpener | None = None,
     ) -> None:
         """`emulator`: a prepared tunnel.emulator.Emulator for `emulate` (tests pass faults);
-        `opener(device)`: how the modem's port is opened (tests pass a scripted modem)."""
+        `emulators`: one per modem with several; `opener(device)`: how the modem's port is
+        opened (tests pass a scripted modem)."""
         self.settings = settings
-        self.gateway = ModemGateway(
-            connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer
-        )
-        self.emulator: object | None = emulator
-        self.device = settings.device
+        self.modem_configs = settings.per_modem()
+        self.gateways = [
+            ModemGateway(connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer)
+            for _ in self.modem_configs
+        ]
+        self.gateway = self.gateways[0]  # the first modem's (control's ping/ntp/resolve)
+        self.modem_set: ModemSet | None = None
+        self.uplink: Uplink = self.gateway
+        if len(self.modem_configs) > 1:
+            members = [
+                Member(m.name, gateway, partial(self._candidate, i))
+                for i, (m, gateway) in enumerate(
+                    zip(self.modem_configs, self.gateways, strict=True)
+                )
+            ]
+            self.modem_set = ModemSet(
+                members,
+                Balancer(Balance(settings.balance)),
+                hedge_after=settings.hedge_after,
+                connect_wait=settings.connect_wait,
+            )
+            self.uplink = self.modem_set
+        self.emulators: list[object] = list(emulators or ([emulator] if emulator else []))
+        self.emulator: object | None = self.emulators[0] if self.emulators else None
+        self.devices = [m.settings.device for m in self.modem_configs if m.settings]
+        self.device = self.devices[0]
         self.socks: list[tuple[str, int]] = []
         self.metrics: tuple[str, int] | None = None  # the bound metrics address
         self.tun: TunFront | None = None
         self.needs_human = trio.Event()
         self.started_wall = time.time()
         self._opener = opener
-        self._runner: ModemRunner | None = None
+        self._runners: list[ModemRunner] = []
         self._stop = trio.Event()
         self._announced = False
         self._task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED
         self._transition = trio.Event()  # set and replaced at every lifecycle transition
 
+    @property
+    def _runner(self) -> ModemRunner | None:
+        """The first modem's runner: what the single-modem views below read."""
+        return self._runners[0] if self._runners else None
+
     def stop(self) -> None:
         self._stop.set()
-        if self._runner is not None:
-            self._runner.stop()
+        for runner in self._runners:
+            runner.stop()
 
     @property
     def stopping(self) -> bool:
@@ -148,27 +180,49 @@ class Daemon:
         s = self.settings
         self._task_status = task_status
         async with trio.open_nursery() as nursery:
-            device = s.device
+            devices = list(self.devices)
             if s.emulate:
                 from tunnel.emulator import Emulator, serve_pty
 
-                emulator = self.emulator or Emulator(baud=s.baud)
-                assert isinstance(emulator, Emulator)
-                self.emulator = emulator
-                device = await nursery.start(serve_pty, emulator, None)
-                log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
-            self.socks = await nursery.start(_serve_proxy, self.gateway, s)
-            self.device = device
+                while len(self.emulators) < len(devices):
+                    # Distinct context IPs per emulated modem: 10.7.157.1, 10.7.158.1, ...
+                    base = f"10.7.{157 + len(self.emulators)}.1"
+                    self.emulators.append(Emulator(baud=s.baud, ip_base=base))
+                self.emulator = self.emulators[0]
+                for i, emulator in enumerate(self.emulators[: len(devices)]):
+                    assert isinstance(emulator, Emulator)
+                    devices[i] = await nursery.start(serve_pty, emulator, None)
+                    log.info(
+                        "emulator started device=%s baud=%s", devices[i], s.baud or "unthrottled"
+                    )
+            if self.modem_set is not None:
+                await nursery.start(self.modem_set.run)
+            self.socks = await nursery.start(_serve_proxy, self.uplink, s)
+            self.devices = devices
+            self.device = devices[0]
             if s.metrics is not None:
                 # Imported here: a daemon without metrics does not load prometheus_client.
                 from tunnel.daemon.metrics import registry_for, serve_metrics
 
                 host, port = s.metrics
                 self.metrics = await nursery.start(serve_metrics, registry_for(self), host, port)
-            self._runner = ModemRunner(s, device, self.gateway, self._serving, opener=self._opener)
-            self._runner.lifecycle.on_change = self._changed
+            for i, (config, gateway) in enumerate(
+                zip(self.modem_configs, self.gateways, strict=True)
+            ):
+                assert config.settings is not None
+                runner = ModemRunner(
+                    config.settings,
+                    devices[i],
+                    gateway,
+                    partial(self._serving, i),
+                    opener=self._opener,
+                )
+                runner.lifecycle.on_change = partial(self._changed, i)
+                if len(self.modem_configs) > 1:
+                    runner.lifecycle.name = config.name
+                self._runners.append(runner)
             if self._stop.is_set():
-                self._runner.stop()
+                self.stop()
             if claimed is not None:
                 from tunnel.daemon.control import serve_control
 
@@ -179,26 +233,48 @@ class Daemon:
 
                 # Up for the daemon's whole life, like the SOCKS listener: while the modem is
                 # down, connects through the interface are refused after `connect_wait`.
-                self.tun = TunFront(self.gateway, TunSettings.from_settings(s))
+                self.tun = TunFront(self.uplink, TunSettings.from_settings(s))
                 await nursery.start(self.tun.serve)
             watchdog = sdnotify.watchdog_interval()
             if watchdog is not None:
                 nursery.start_soon(self._watchdog, watchdog)
-            await self._runner.run()
+            async with trio.open_nursery() as modems:
+                for runner in self._runners:
+                    modems.start_soon(runner.run)
             sdnotify.notify("STOPPING=1")
             nursery.cancel_scope.cancel()
+
+    def _candidate(self, index: int, now: float) -> Candidate:
+        """Modem `index` as the balancer sees it now."""
+        name = self.modem_configs[index].name
+        weight = self.modem_configs[index].weight
+        if index >= len(self._runners):
+            return Candidate(name, False, 0, weight)
+        runner = self._runners[index]
+        pool, modem = runner.pool, runner.modem
+        serving = runner.phase is Phase.SERVING and self.gateways[index].pool is not None
+        free = 12 - len(pool.in_use()) if pool is not None else 0
+        stalled = modem is not None and modem.waiting_for(now) > self.settings.hedge_after
+        return Candidate(name, serving, free, weight, stalled)
 
     # --- reporting -------------------------------------------------------------------------
 
     def status(self) -> Status:
-        """The snapshot every report reads."""
-        runner = self._runner
+        """The snapshot every report reads (the first modem's, with several: see statuses)."""
+        return self.status_of(0)
+
+    def statuses(self) -> tuple[Status, ...]:
+        """One snapshot per modem, in configuration order."""
+        return tuple(self.status_of(i) for i in range(len(self.modem_configs)))
+
+    def status_of(self, index: int) -> Status:
+        runner = self._runners[index] if index < len(self._runners) else None
         now = trio.current_time()
         socks = tuple(_hostport(h, p) for h, p in self.socks)
         if runner is None:
             return Status(
-                Phase.OPENING_PORT, 0.0, "", "", self.device, self.settings.emulate, "", "", "",
-                None, False, None, socks, (), 0, None,
+                Phase.OPENING_PORT, 0.0, "", "", self.devices[index], self.settings.emulate, "",
+                "", "", None, False, None, socks, (), 0, None,
             )  # fmt: skip
         sup = runner.supervisor
         modem = runner.modem
@@ -211,7 +287,7 @@ class Daemon:
             since=round(now - life.since, 1),
             cause=life.cause.value if life.cause is not None else "",
             problem=runner.problem,
-            device=self.device,
+            device=runner.device,
             emulated=self.settings.emulate,
             ip=runner.ip,
             model=identity.model if identity else "",
@@ -247,20 +323,26 @@ class Daemon:
         never decrease across a modem restart. Read from memory: cheap, for every scrape."""
         runner = self._runner
         total = runner.counters() if runner is not None else Counters()
+        # The first modem's, like every series of the metrics so far (label modem=<its name>).
         up, down = self.gateway.traffic()
         return replace(total, bytes_up=up, bytes_down=down)
 
     def healthy(self) -> bool:
-        """False when the supervision looks wedged (see lifecycle.healthy)."""
+        """False when the supervision of any modem looks wedged (see lifecycle.healthy)."""
         s = self.settings
         quiet_limit = max(s.probe_interval + s.probe_timeout, 150.0) + 60.0
-        return healthy(self.status(), quiet_limit)
+        return all(healthy(st, quiet_limit) for st in self.statuses())
 
     def status_line(self) -> str:
-        return status_line(self.status())
+        if len(self.modem_configs) == 1:
+            return status_line(self.status())
+        statuses = self.statuses()
+        serving = sum(st.phase is Phase.SERVING for st in statuses)
+        flows = sum(len(st.flows) for st in statuses)
+        return f"serving {serving}/{len(statuses)} modems, {flows} flows"
 
     def dns_stats(self) -> dict[str, int]:
-        resolver = self.gateway.resolver
+        resolver = self.gateway.resolver  # the first modem's, as counters()
         return {"lookups": resolver.lookups, "cache_hits": resolver.hits}
 
     def tun_status(self) -> dict[str, Any] | None:
@@ -288,24 +370,41 @@ class Daemon:
 
     # --- lifecycle hooks -------------------------------------------------------------------
 
-    def history(self) -> tuple[Transition, ...]:
-        """The modem's lifecycle transitions so far (the latest 50)."""
-        return tuple(self._runner.lifecycle.history) if self._runner is not None else ()
+    def history(self, modem: int = 0) -> tuple[Transition, ...]:
+        """Modem `modem`'s lifecycle transitions so far (the latest 50)."""
+        if modem >= len(self._runners):
+            return ()
+        return tuple(self._runners[modem].lifecycle.history)
 
-    async def wait_phase(self, phase: Phase, count: int = 1) -> None:
-        """Until the modem has entered `phase` `count` times in all."""
-        while sum(t.after is phase for t in self.history()) < count:
+    async def wait_phase(self, phase: Phase, count: int = 1, *, modem: int = 0) -> None:
+        """Until modem `modem` has entered `phase` `count` times in all."""
+        while sum(t.after is phase for t in self.history(modem)) < count:
             await self._transition.wait()
 
-    def _changed(self, transition: Transition) -> None:
+    def _changed(self, index: int, transition: Transition) -> None:
+        if self.modem_set is not None and Phase.SERVING in (transition.before, transition.after):
+            self.modem_set.changed(
+                self.modem_configs[index].name, serving=transition.after is Phase.SERVING
+            )
         if transition.after is Phase.SIM_BLOCKED:
             self.needs_human.set()
         self._transition.set()
         self._transition = trio.Event()
         sdnotify.notify(f"STATUS={self.status_line()}")
 
-    def _serving(self, ip: str) -> None:
+    def _serving(self, index: int, ip: str) -> None:
         addrs = ",".join(self.status().socks)
+        if self.modem_set is not None:
+            # Its pool is in the gateway now (the SERVING transition came just before that):
+            # requests waiting for a serving modem may go.
+            self.modem_set.changed(self.modem_configs[index].name, serving=True)
+        if len(self.modem_configs) > 1:
+            log.info(
+                "modem ready name=%s device=%s ip=%s",
+                self.modem_configs[index].name, self._runners[index].device, ip,
+            )  # fmt: skip
+            if self._announced:
+                return
         log.info("ready socks=%s ip=%s", addrs, ip)
         status = f"STATUS=serving socks={addrs} ip={ip}"
         if not self._announced:
@@ -327,14 +426,14 @@ class Daemon:
 
 
 async def _serve_proxy(
-    gateway: ModemGateway,
+    uplink: Uplink,
     s: Settings,
     *,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     allow = [ipaddress.ip_network(cidr) for cidr in s.allow] or None
     await serve_socks5(
-        gateway,
+        uplink,
         list(s.socks),
         users=dict(s.socks_users) or None,
         allow=allow,

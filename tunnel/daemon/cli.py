@@ -32,7 +32,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon", description="Run the daemon.")
     run.add_argument("--config", type=Path, help=f"TOML settings (default {config.DEFAULT_PATH})")
-    run.add_argument("--device", help="modem AT port: tty path, symlink, or socket://HOST:PORT")
+    run.add_argument(
+        "--device",
+        action="append",
+        help="modem AT port: tty path, symlink, or socket://HOST:PORT; repeat for several "
+        "modems (same APN and auth for all)",
+    )
     run.add_argument("--baud", type=int, help="serial speed (with --emulate: pace the emulator)")
     run.add_argument("--apn", help="access point name")
     run.add_argument("--username", help="APN user name")
@@ -64,9 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--emulate",
-        action="store_true",
+        nargs="?",
+        type=_modem_count,
+        const=1,
         default=None,
-        help="run the built-in UC20 emulator on a pseudo-terminal (no modem needed)",
+        metavar="N",
+        help="run N built-in UC20 emulators (default 1) on pseudo-terminals (no modem needed)",
     )
     run.add_argument(
         "--control",
@@ -156,6 +164,12 @@ def _setup_logging(level: str) -> None:
     logging.getLogger().setLevel(getattr(logging, level.upper()))
 
 
+def _modem_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of modems, 1-16")
+    return int(text)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     path = args.config
     file_values: dict[str, Any] = {}
@@ -163,8 +177,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
         file_values = config.load(path)
     elif config.DEFAULT_PATH.exists():
         file_values = config.load(config.DEFAULT_PATH)
+    devices: list[str] = args.device or []
+    modems = None
+    if len(devices) > 1:
+        modems = config.modems_for_devices(devices)
+    elif args.emulate is not None and args.emulate > 1:
+        # Each emulator gets its own pseudo-terminal when the daemon starts.
+        modems = tuple(
+            config.ModemConfig(f"emu{i + 1}", 1.0, {"device": f"emulator:{i + 1}"})
+            for i in range(args.emulate)
+        )
     overrides = {
-        "device": args.device,
+        "device": devices[0] if len(devices) == 1 else None,
+        "modems": modems,
         "baud": args.baud,
         "apn": args.apn,
         "username": args.username,
@@ -175,7 +200,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "socks": args.socks,
         "tun": args.tun,
         "tun_routes": args.tun_routes,
-        "emulate": args.emulate,
+        "emulate": None if args.emulate is None else True,
         "control": args.control,
         "metrics": args.metrics,
         "log_level": args.log_level,

@@ -117,6 +117,20 @@ class Settings:
     probe_interval: float = 30.0
     probe_timeout: float = 60.0
     reboot_wait: float = 30.0
+    # Several modems ([[modem]] tables, or --device given more than once, or --emulate N): each
+    # table overrides the per-modem keys (MODEM_KEYS); empty: the one modem the keys above say.
+    modems: tuple["ModemConfig", ...] = ()
+    balance: str = "least-loaded"  # tunnel.daemon.balance.Balance
+    hedge_after: float = 3.0  # an open unanswered this long is tried on another modem too
+
+    def per_modem(self) -> tuple["ModemConfig", ...]:
+        """Every modem with its own settings (the top-level keys are every modem's defaults)."""
+        if not self.modems:
+            return (ModemConfig(modem_name(self.device, 0), 1.0, {}, self),)
+        return tuple(
+            ModemConfig(m.name, m.weight, m.values, replace(self, **m.values, modems=()))
+            for m in self.modems
+        )
 
     @property
     def auth_method(self) -> Auth:
@@ -129,7 +143,39 @@ class Settings:
             if out[key]:
                 out[key] = "***"
         out["socks_users"] = sorted(self.socks_users)
+        out["modems"] = [
+            {"name": m.name, "weight": m.weight,
+             **{k: ("***" if k in ("password", "sim_pin") and v else v)
+                for k, v in m.values.items()}}
+            for m in self.modems
+        ]  # fmt: skip
         return out
+
+
+# The keys a [[modem]] table may set; the others are the daemon's, shared by all modems.
+MODEM_KEYS: Final = frozenset(
+    {"device", "baud", "apn", "username", "password", "password_file", "auth", "context",
+     "sim_pin", "reset_command", "dns"}
+)  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ModemConfig:
+    """One modem of several: its name (logs, status, --modem), weight (balance) and the keys
+    its table overrides; `settings` is the daemon's settings with those applied."""
+
+    name: str
+    weight: float
+    values: Mapping[str, Any]
+    settings: "Settings | None" = None
+
+
+def modem_name(device: str, index: int) -> str:
+    """The default name: the device's basename ("uc20-a" for /dev/uc20-a)."""
+    base = os.path.basename(device.rstrip("/")) if device else ""
+    if device.startswith("socket://") or not base:
+        return f"modem{index + 1}"
+    return base
 
 
 def parse_hostport(text: str, key: str = "socks") -> tuple[str, int]:
@@ -347,6 +393,8 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "probe_interval": _positive,
     "probe_timeout": _positive,
     "reboot_wait": _positive,
+    "balance": _choice("least-loaded", "failover", "sticky"),
+    "hedge_after": _positive,
 }
 
 
@@ -377,6 +425,9 @@ def load(path: Path) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key, value in raw.items():
+        if key == "modem":
+            out["modems"] = _modem_tables(value, path, text)
+            continue
         check = CHECKS.get(key)
         if check is None:
             raise ConfigError(f"{where(key)}: unknown key {key!r}")
@@ -396,6 +447,69 @@ def load(path: Path) -> dict[str, Any]:
         except ConfigError as exc:
             raise ConfigError(f"{where(file_key)}: {exc}") from None
     return out
+
+
+def _modem_tables(tables: Any, path: Path, text: str) -> tuple[ModemConfig, ...]:
+    """[[modem]] tables: per-modem keys only, names and devices distinct."""
+    lines = [
+        n
+        for n, line in enumerate(text.splitlines(), 1)
+        if re.match(r"\s*\[\[\s*modem\s*\]\]", line)
+    ]
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: modem: expected [[modem]] tables")
+    out: list[ModemConfig] = []
+    for index, table in enumerate(tables):
+        where = f"{path}:{lines[index]}" if index < len(lines) else str(path)
+        values: dict[str, Any] = {}
+        name, weight = "", 1.0
+        for key, value in table.items():
+            label = f"modem[{index}].{key}"
+            try:
+                if key == "name":
+                    name = _str(label, value)
+                    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):
+                        raise ConfigError(f"{label}: 1-32 of A-Z a-z 0-9 _ . -")
+                elif key == "weight":
+                    weight = _positive(label, value)
+                elif key in MODEM_KEYS:
+                    values[key] = CHECKS[key](label, value)
+                else:
+                    raise ConfigError(
+                        f"{label}: not a per-modem key (those are name, weight, "
+                        f"{', '.join(sorted(MODEM_KEYS))})"
+                    )
+                if key == "password_file":
+                    if "password" in table:
+                        raise ConfigError(f"{label}: password is set too; keep one")
+                    secret = path.parent / values[key]
+                    values[key] = str(secret)
+                    values["password"] = _from_file(label, secret)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        if "device" not in values:
+            raise ConfigError(f"{where}: modem[{index}]: device is required")
+        out.append(ModemConfig(name or modem_name(values["device"], index), weight, values))
+    _distinct(out)
+    return tuple(out)
+
+
+def _distinct(modems: list[ModemConfig]) -> None:
+    for what in ("name", "device"):
+        seen: set[object] = set()
+        for m in modems:
+            value = m.name if what == "name" else m.values.get("device")
+            if value in seen:
+                raise ConfigError(f"modem: two modems with {what} {value!r}")
+            seen.add(value)
+
+
+def modems_for_devices(devices: list[str]) -> tuple[ModemConfig, ...]:
+    """--device given more than once: one modem per device, the other keys shared."""
+    out = [ModemConfig(modem_name(d, i), 1.0, {"device": _device("--device", d)})
+           for i, d in enumerate(devices)]  # fmt: skip
+    _distinct(out)
+    return tuple(out)
 
 
 def _from_file(file_key: str, path: Path) -> Any:
@@ -439,6 +553,8 @@ def build(
             raise ConfigError(f"{ENV_PASSWORD}: {exc}") from None
         merged.pop("password_file", None)
     flags = {key: value for key, value in overrides.items() if value is not None}
+    if "modems" in flags:  # built by the CLI from repeated --device / --emulate N
+        merged["modems"] = flags.pop("modems")
     if "password" in flags and "password_file" in flags:
         raise ConfigError("--password and --password-file: give one")
     for key, value in flags.items():

@@ -117,6 +117,7 @@ class Lifecycle:
         self.detail = ""
         self.history: list[Transition] = []
         self.on_change = on_change  # the I/O layer's hook (systemd STATUS=, events)
+        self.name = ""  # with several modems: which one (logs)
 
     def fire(self, cause: Cause, now: float, detail: str = "") -> Phase:
         """Move on `cause`; logs the transition with its cause and detail."""
@@ -132,11 +133,12 @@ class Lifecycle:
         level = logging.WARNING if cause in (C.HUNG, C.FAILED, C.RDY, C.PORT_GONE) else logging.INFO
         log.log(
             level,
-            "lifecycle %s -> %s cause=%s%s",
+            "lifecycle %s -> %s cause=%s%s%s",
             before.value,
             after.value,
             cause.name.lower(),
             f" detail={detail}" if detail else "",
+            f" modem={self.name}" if self.name else "",
         )
         if self.on_change is not None:
             self.on_change(transition)
