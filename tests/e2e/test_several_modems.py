@@ -70,9 +70,9 @@ async def test_failover_uses_the_first_modem_until_it_drops(nursery) -> None:
             on_first, reply = await socks_connect(t.socks_port, "127.0.0.1", echo_port)
             assert reply == SUCCEEDED
             first.faults.pdpdeact(1)
+            await t.daemon.wait_phase(Phase.RECOVERING, modem=0)
             with pytest.raises(trio.BrokenResourceError):
-                await on_first.send_all(b"x")
-                await receive_exactly(on_first, 2)
+                await receive_exactly(on_first, 1)  # failed loudly, not a clean EOF
             await on_first.aclose()
             # A new request goes to the other modem at once (not after connect_wait).
             started = trio.current_time()
