@@ -352,8 +352,8 @@ class HttpSession:
             self._failure = Outcome.BAD_BODY, shown(str(exc).encode())
         except _ClientGone:
             self._failure = Outcome.CLIENT_GONE, "during the request body"
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the origin's side broke: the download sees it and says so
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            return  # the origin's side broke or ended: the download sees it and says so
         scope.cancel()
 
     async def _download(self, origin: _Origin) -> tuple[Outcome, str]:
@@ -376,7 +376,7 @@ class HttpSession:
                     return Outcome.DONE, ""
                 else:  # ConnectionClosed before the response ended
                     return (Outcome.CUT if started else Outcome.STALE), "origin closed"
-        except h11.RemoteProtocolError as exc:
+        except h11.ProtocolError as exc:  # the origin broke HTTP, or h11 won't pass it on
             detail = f"error={shown(str(exc).encode())}"
             return (Outcome.CUT if started else Outcome.BAD_RESPONSE), detail
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

@@ -92,6 +92,11 @@ class Origin:
     closed: trio.Event = field(default_factory=trio.Event)
 
     async def handler(self, stream: trio.SocketStream) -> None:
+        # The proxy ending a flow midway (its client broke off) is its right, not our failure.
+        with contextlib.suppress(h11.RemoteProtocolError, trio.BrokenResourceError):
+            await self._serve(stream)
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         index = len(self.raw)
         raw = bytearray()
         self.raw.append(raw)
@@ -771,3 +776,88 @@ async def test_an_idle_keep_alive_connection_is_closed(
         await client.stream.send_all(b"GET http://a.test/ HTTP/1.1\r\n")  # and no more
         assert await until_closed(client.stream) == b""
         assert 20 <= trio.current_time() - start < 21
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "body", "kept"),  # kept: the flow serves the next request too
+    [
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\n", 204, b"", True),
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 99\r\n\r\n", 304, b"", True),
+        (b"HTTP/1.0 200 OK\r\n\r\n" + NASTY, 200, NASTY, False),  # ends at the origin's close
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\n\x00\x1a\n\r\n0\r\nX-Trailer: t\r\n\r\n",
+            200,
+            b"\x00\x1a\n",
+            True,
+        ),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", 502, None, False),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2, 3\r\n\r\nab", 502, None, False),
+    ],
+)
+async def test_odd_origin_answers(
+    nursery: trio.Nursery, answer: bytes, status: int, body: bytes | None, kept: bool
+) -> None:
+    with trio.fail_after(10):
+        remote, second = ScriptedStream(), ScriptedStream()
+        uplink = ScriptedUplink(remote, second)
+        proxy = await start_proxy(nursery, uplink)
+        client = await Client.open(nursery, proxy)
+        remote.feed(answer)
+        if not kept:
+            remote.finish()
+        response, got = await client.request("GET", "http://a.test/")
+        assert response.status_code == status
+        if status == 502:  # our answer: the connection ends after it
+            assert await until_closed(client.stream) == b""
+            await remote.closed.wait()
+            return
+        assert got == body
+        # In step: the next request is answered on the same flow, or a new one if the origin
+        # ended this one (the client's connection goes on either way).
+        (remote if kept else second).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+        response, got = await client.request("GET", "http://a.test/2")
+        assert got == b"next"
+        assert len(uplink.asked) == (1 if kept else 2)
+        if not kept:
+            await remote.closed.wait()
+
+
+async def test_a_head_arriving_byte_by_byte(nursery: trio.Nursery) -> None:
+    with trio.fail_after(10):
+        remote = ScriptedStream()
+        proxy = await start_proxy(nursery, ScriptedUplink(remote))
+        stream = await connect(nursery, proxy)
+        head = b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nX-Pad: \x80\xff\r\n\r\n"
+        for i in range(len(head)):
+            await stream.send_all(head[i : i + 1])
+        await stream.send_all(NASTY)
+        assert (await recv_exactly(stream, 39)).startswith(b"HTTP/1.1 200 ")
+        await stream.send_eof()
+        await remote.got_eof.wait()
+        assert remote.received == NASTY
+
+
+async def test_random_garbage_never_crashes_and_ends_only_its_client(nursery: trio.Nursery) -> None:
+    rnd = random.Random(9112)
+    valid = b"POST http://a.test/ HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    valid += b"5\r\nhello"
+    with LogWatch("proxy.server") as logs, trio.fail_after(30):
+        uplink = await start_origin(nursery, Origin())
+        proxy = await start_proxy(nursery, uplink)
+        for i in range(60):
+            if i % 2:  # a valid start, then noise: the noise lands in the head or the body
+                cut = rnd.randrange(len(valid))
+                data = valid[:cut] + rnd.randbytes(rnd.randrange(1, 300))
+            else:
+                data = rnd.choice(b"GPCHO").to_bytes() + rnd.randbytes(rnd.randrange(1, 300))
+            stream = await connect(nursery, proxy)
+            await stream.send_all(data + b"\r\n\r\n")
+            await stream.send_eof()
+            answer = await until_closed(stream)
+            await stream.aclose()
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:80]
+        client = await Client.open(nursery, proxy)
+        response, _ = await client.request("GET", "http://after.test/")
+        assert response.status_code == 200
+    assert logs.matching("crashed") == []
