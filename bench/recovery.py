@@ -44,7 +44,7 @@ async def run(rounds: int, probe_interval: float, probe_timeout: float) -> None:
         emulator = Emulator()
         settings = Settings(
             emulate=True,
-            socks=(("127.0.0.1", 0),),
+            listen=(("127.0.0.1", 0),),
             probe_interval=probe_interval,
             probe_timeout=probe_timeout,
             connect_wait=30,

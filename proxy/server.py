@@ -1,28 +1,37 @@
-"""The trio SOCKS5 server: listeners, admission at accept, one handler task per client.
+"""The trio proxy server: listeners, admission at accept, one handler task per client.
 
-A thin I/O adapter: protocol decisions live in `proxy.socks5`, who may connect and how much
-they may hold in `proxy.admission`, the splice in `proxy.splice`, network decisions in the
-`Dialer`. It never imports `tunnel`. Defences in order, cheapest first (DESIGN.md principle 8):
+Every listen address is a "mixed" port: the client's first byte says what it speaks, 0x05
+SOCKS5 (`proxy.socks5`), a letter an HTTP proxy request (`proxy.http`, `proxy.http_relay`);
+the bytes read to tell go on to that protocol, none lost. A thin I/O adapter: protocol
+decisions live in those modules, who may connect and how much they may hold in
+`proxy.admission`, the splice in `proxy.splice`, the network behind the `Uplink` it is given.
+It never imports `tunnel`. Both protocols share the defences, in order, cheapest first
+(DESIGN.md principle 8):
 - at accept, before a byte is read: the `allow` networks and a source's authentication pause
   (a refused connection is reset at once);
 - the connection cap, below RLIMIT_NOFILE: at the cap the oldest handshake of the source
   holding the most is dropped to make room, and with no handshake to drop accepting waits;
   an EMFILE that still happens pauses accepting instead of spinning;
-- greeting, authentication and request share one deadline;
+- greeting, authentication and request share one deadline (HTTP: the first request head;
+  later ones must come within the same time of the previous answer, or the connection closes);
+- one set of users: RFC 1929 on the SOCKS side, Proxy-Authorization: Basic on the HTTP side,
+  failures counted against the same per-source pause;
 - every log line a client can cause per connection or datagram goes through a `LogLimiter`.
 """
 
 import logging
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Final
 
+import h11
 import trio
 
 from proxy import udp_relay
 from proxy.acceptor import Acceptor
 from proxy.admission import AuthThrottle, ConnectionTable, IPNetwork, Slot, default_max_connections
 from proxy.auth import Authenticator
+from proxy.http import is_http
+from proxy.http_relay import HttpSession
 from proxy.listen import format_addr, is_loopback, open_listeners, sockname
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import (
@@ -39,16 +48,11 @@ from proxy.socks5 import (
     State,
     UdpAssociateRequest,
 )
-from proxy.splice import arm_reset, reply_for, serve_connect
+from proxy.splice import arm_reset, linger, reply_for, serve_connect
 from uplink import DialError, Uplink
 from uplink.splice import RECEIVE_SIZE
 
 log = logging.getLogger(__name__)
-
-# After a failure reply we half-close and read until the client closes, for at most this long:
-# closing with unread input makes the kernel send RST, which can destroy the reply still in
-# flight. RFC 1928 §6 allows up to 10 s between the failure and the close.
-REFUSAL_LINGER: Final = 2.0
 
 
 async def serve_socks5(
@@ -64,13 +68,15 @@ async def serve_socks5(
     udp_require_port: bool = False,
     task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve SOCKS5 on every (host, port) of `listen` until cancelled.
+    """Serve SOCKS5 and HTTP proxy requests on every (host, port) of `listen` until cancelled.
 
     `task_status.started()` gets the bound (host, port) list, so port 0 works; a bind failure
     raises ListenError (an OSError) naming the address. With `users` (username → password)
-    non-empty, RFC 1929 username/password is required; otherwise no auth. Peers outside `allow`
+    non-empty, RFC 1929 username/password is required (HTTP: Proxy-Authorization: Basic with
+    the same users); otherwise no auth. Peers outside `allow`
     are reset at accept. Greeting, authentication and request must complete within
-    `handshake_timeout` seconds of the accept. At most `max_connections` descriptors are held
+    `handshake_timeout` seconds of the accept (HTTP: the first request head; an idle
+    keep-alive connection closes after as long). At most `max_connections` descriptors are held
     (a UDP association holds two; default: the soft RLIMIT_NOFILE minus FD_RESERVE). After
     `auth_failures` failed logins a source is refused for `auth_pause` seconds, doubling with
     each further failure. With `udp_require_port`, UDP ASSOCIATE must declare the client's port.
@@ -92,7 +98,7 @@ async def serve_socks5(
         )
     if not users and not all(is_loopback(host) for host, _ in listen):
         log.warning(
-            "socks listens beyond loopback without authentication: anyone who can reach it "
+            "proxy listens beyond loopback without authentication: anyone who can reach it "
             "uses your cellular data (set socks_users, or allow to limit client networks)"
         )
     listeners = await open_listeners(listen)
@@ -108,7 +114,8 @@ async def serve_socks5(
             for listener in listeners:
                 nursery.start_soon(acceptor.serve, listener, start)
             log.info(
-                "socks listening addrs=%s auth=%s max_connections=%d handshake_timeout=%.1f",
+                "proxy listening addrs=%s protocols=socks5,http auth=%s max_connections=%d "
+                "handshake_timeout=%.1f",
                 ",".join(format_addr(host, port) for host, port in bound),
                 server.policy.value,
                 server.table.cap,
@@ -158,20 +165,51 @@ class _Server:
             self.table.release(slot)
 
     async def _serve(self, client: trio.SocketStream, peer: str, slot: Slot) -> None:
-        conn = Socks5Connection(auth=self.policy)
+        conn: Socks5Connection | None = None
+        http: HttpSession | None = None
+        request: Request | h11.Request | None = None
         with slot.scope:  # the handshake deadline; eviction cancels it too
-            request = await self._request(client, conn, peer, slot.key)
+            first = await self._first_bytes(client, peer)
+            if is_http(first):
+                http = HttpSession(
+                    client, first, peer, slot.key, self._uplink, self._auth, self.logs,
+                    self._handshake_timeout,
+                )  # fmt: skip
+                request = await http.first_request()
+            elif first:
+                conn = Socks5Connection(auth=self.policy)
+                conn.receive_data(first)
+                request = await self._request(client, conn, peer, slot.key)
         self.table.handshake_done(slot)
         if slot.evicted or slot.scope.cancelled_caught:
-            if conn.state is not State.CLOSED:  # not already answered
-                self._log_cut(peer, conn, slot)
-        elif isinstance(request, ConnectRequest):
+            if http is not None:
+                if not http.answered:
+                    self._log_cut(peer, "HTTP_REQUEST", slot)
+            elif conn is None:
+                self._log_cut(peer, "FIRST_BYTES", slot)
+            elif conn.state is not State.CLOSED:  # not already answered
+                self._log_cut(peer, conn.state.name, slot)
+        elif http is not None and isinstance(request, h11.Request):
+            await http.serve(request)
+        elif conn is not None and isinstance(request, ConnectRequest):
             refuse = partial(self._refuse, client, conn, peer, _dst(request))
             await serve_connect(
                 client, conn, peer, request, self._uplink, refuse, self.logs, slot.key
             )
-        elif isinstance(request, UdpAssociateRequest):
+        elif conn is not None and isinstance(request, UdpAssociateRequest):
             await self._udp_associate(client, conn, peer, request, slot)
+
+    async def _first_bytes(self, client: trio.SocketStream, peer: str) -> bytes:
+        """What the client sends first: its first byte says which protocol it speaks, and the
+        bytes go on to that protocol's machine (nothing read is lost). b"" when it is gone."""
+        try:
+            return await client.receive_some(RECEIVE_SIZE)
+        except trio.BrokenResourceError as exc:
+            self.logs.log(
+                logging.INFO, "gone", "client gone during handshake client=%s error=%r",
+                peer, exc.__cause__,
+            )  # fmt: skip
+            return b""
 
     async def _request(
         self, client: trio.SocketStream, conn: Socks5Connection, peer: str, key: str
@@ -198,14 +236,14 @@ class _Server:
             return None
         return outcome
 
-    def _log_cut(self, peer: str, conn: Socks5Connection, slot: Slot) -> None:
+    def _log_cut(self, peer: str, state: str, slot: Slot) -> None:
         if slot.evicted:
             self.logs.log(
                 logging.WARNING,
                 "evicted",
                 "handshake dropped client=%s state=%s reason=connection cap max_connections=%d",
                 peer,
-                conn.state.name,
+                state,
                 self.table.cap,
             )
         else:
@@ -215,7 +253,7 @@ class _Server:
                 "handshake timeout client=%s secs=%.1f state=%s",
                 peer,
                 self._handshake_timeout,
-                conn.state.name,
+                state,
             )
 
     async def _handshake(
@@ -299,12 +337,9 @@ class _Server:
         )
         try:
             await client.send_all(conn.reply(code))
-            await client.send_eof()
-            with trio.move_on_after(REFUSAL_LINGER):
-                while await client.receive_some(RECEIVE_SIZE):
-                    pass
         except trio.BrokenResourceError:
-            pass
+            return
+        await linger(client)
 
     async def _udp_associate(
         self,

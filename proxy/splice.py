@@ -1,4 +1,5 @@
-"""CONNECT (RFC 1928 §4): the dial, the reply, the two-way splice (uplink.Splice), the close.
+"""CONNECT (RFC 1928 §4, and HTTP's CONNECT): the dial, the reply, the two-way splice
+(uplink.Splice), the close.
 
 Two promises to clients: no byte is dropped on a clean close, and a cut flow never looks
 complete: unless the remote side ended with a clean EOF, the client gets a TCP reset, not a FIN.
@@ -17,12 +18,18 @@ import trio
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import ConnectRequest, ReplyCode, Socks5Connection
 from uplink import DialError, DialFailure, Splice, Uplink
+from uplink.splice import RECEIVE_SIZE
 
 log = logging.getLogger("proxy.server")  # flow lines belong with the server's
 
 _LINGER_RESET: Final = struct.pack("ii", 1, 0)  # SO_LINGER {l_onoff=1, l_linger=0}: close() = RST
 
 Refuse = Callable[[ReplyCode, str], Awaitable[None]]
+
+# After a failure answer we half-close and read until the client closes, for at most this long:
+# closing with unread input makes the kernel send RST, which can destroy the answer still in
+# flight. RFC 1928 §6 allows up to 10 s between the failure and the close.
+REFUSAL_LINGER: Final = 2.0
 
 # The one place a DialFailure becomes a SOCKS5 reply (RFC 1928 §6).
 REPLY_FOR: Final[dict[DialFailure, ReplyCode]] = {
@@ -67,14 +74,35 @@ async def serve_connect(
         )  # fmt: skip
         await refuse(ReplyCode.GENERAL_FAILURE, f"uplink raised {type(exc).__name__}")
         return
-    flow = Splice(client, remote, first=conn.trailing_data, names=("client", "remote"))
+    try:
+        bind_host, bind_port = _bound_address(remote)
+        greeting = conn.reply(ReplyCode.SUCCEEDED, bind_host, bind_port)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await close_remote(remote, peer, dst, logs)
+        raise
+    await splice_flow(client, remote, peer, dst, conn.trailing_data, greeting, logs)
+
+
+async def splice_flow(
+    client: trio.SocketStream,
+    remote: trio.abc.HalfCloseableStream,
+    peer: str,
+    dst: str,
+    first: bytes,
+    greeting: bytes,
+    logs: LogLimiter,
+) -> None:
+    """A dialled flow (SOCKS CONNECT or HTTP CONNECT): send `greeting` (the success answer),
+    splice until done with `first` (what the client sent after its request) upstream before
+    anything else, close both sides, log open and close."""
+    flow = Splice(client, remote, first=first, names=("client", "remote"))
     start = trio.current_time()
     opened = False
     conn_id = "-"
     try:
-        bind_host, bind_port = _bound_address(remote)
         try:
-            await client.send_all(conn.reply(ReplyCode.SUCCEEDED, bind_host, bind_port))
+            await client.send_all(greeting)
         except trio.BrokenResourceError:
             logs.log(logging.INFO, "gone-reply", "client gone before reply client=%s dst=%s",
                      peer, dst)  # fmt: skip
@@ -89,13 +117,7 @@ async def serve_connect(
             arm_reset(client.socket)
         with trio.CancelScope(shield=True):
             await client.aclose()  # first: a reset should not wait for the modem's close
-            try:
-                await remote.aclose()
-            except Exception as exc:
-                logs.log(
-                    logging.WARNING, "remote-close",
-                    "remote close failed client=%s dst=%s error=%r", peer, dst, exc,
-                )  # fmt: skip
+            await close_remote(remote, peer, dst, logs)
         if opened:
             log.info(
                 "flow closed client=%s dst=%s id=%s up=%d down=%d secs=%.1f reason=%s",
@@ -107,6 +129,31 @@ async def serve_connect(
                 trio.current_time() - start,
                 flow.reason,
             )
+
+
+async def close_remote(
+    remote: trio.abc.HalfCloseableStream, peer: str, dst: str, logs: LogLimiter
+) -> None:
+    """Close a flow's remote side; a failure to close is logged, never raised."""
+    try:
+        await remote.aclose()
+    except Exception as exc:
+        logs.log(
+            logging.WARNING, "remote-close",
+            "remote close failed client=%s dst=%s error=%r", peer, dst, exc,
+        )  # fmt: skip
+
+
+async def linger(client: trio.SocketStream) -> None:
+    """Half-close, then read and drop what the client still sends until it closes, for at most
+    REFUSAL_LINGER: the answer already sent survives the close."""
+    try:
+        await client.send_eof()
+        with trio.move_on_after(REFUSAL_LINGER):
+            while await client.receive_some(RECEIVE_SIZE):
+                pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
 
 
 def arm_reset(sock: trio.socket.SocketType) -> None:

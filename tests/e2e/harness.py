@@ -47,7 +47,7 @@ async def start_tunnel(
         "control": f"{private}/control.sock",
         "emulate": True,
         "apn": "internet",
-        "socks": (("127.0.0.1", 0),),
+        "listen": (("127.0.0.1", 0),),
         "registration_timeout": 30,
     }
     values.update(overrides)

@@ -402,7 +402,7 @@ async def test_rejected_pin_is_never_retried(nursery) -> None:
     emulator = Emulator(faults=["sim-pin:4321"])
     # Not start_tunnel: it waits for "serving", which must never come here.
     daemon = Daemon(
-        Settings(emulate=True, sim_pin="1234", socks=(("127.0.0.1", 0),), control=""),
+        Settings(emulate=True, sim_pin="1234", listen=(("127.0.0.1", 0),), control=""),
         emulator=emulator,
     )
     nursery.start_soon(daemon.run)

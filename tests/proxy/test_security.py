@@ -274,7 +274,7 @@ async def test_default_cap_is_below_the_open_file_limit(nursery: trio.Nursery) -
     with LogWatch("proxy.server") as logs, trio.fail_after(10):
         await start_proxy(nursery, FailingUplink(AssertionError()))
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    line = logs.matching("socks listening")[0]
+    line = logs.matching("proxy listening")[0]
     assert f"max_connections={soft - FD_RESERVE} handshake_timeout=10.0" in line
 
 

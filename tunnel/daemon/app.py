@@ -434,7 +434,7 @@ async def _serve_proxy(
     allow = [ipaddress.ip_network(cidr) for cidr in s.allow] or None
     await serve_socks5(
         uplink,
-        list(s.socks),
+        list(s.listen),
         users=dict(s.socks_users) or None,
         allow=allow,
         handshake_timeout=s.socks_handshake_timeout,

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         "--socks",
         action="append",
         metavar="HOST:PORT",
-        help="SOCKS5 listen address, repeatable (default 127.0.0.1:1080)",
+        help="proxy listen address (SOCKS5 and HTTP), repeatable (default 127.0.0.1:1080)",
     )
     run.add_argument("--tun", metavar="NAME", help="also expose a TUN interface with this name")
     run.add_argument(
@@ -197,7 +197,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "password_file": args.password_file,
         "auth": args.auth,
         "context": args.context,
-        "socks": args.socks,
+        "listen": args.socks,  # the flag kept its name: config key `listen`
         "tun": args.tun,
         "tun_routes": args.tun_routes,
         "emulate": None if args.emulate is None else True,

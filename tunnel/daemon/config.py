@@ -72,7 +72,8 @@ class Settings:
     context: int = 1
     sim_pin: str = ""
     registration_timeout: float = 180.0
-    socks: tuple[tuple[str, int], ...] = (("127.0.0.1", 1080),)
+    # The proxy's addresses: SOCKS5 and HTTP on each ("mixed", proxy.server); key `socks` of old.
+    listen: tuple[tuple[str, int], ...] = (("127.0.0.1", 1080),)
     socks_users: Mapping[str, str] = field(default_factory=dict)
     socks_users_file: str = ""  # where `socks_users` were read from, if a file
     allow: tuple[str, ...] = ()  # client networks (CIDR); empty: everyone who can connect
@@ -178,7 +179,7 @@ def modem_name(device: str, index: int) -> str:
     return base
 
 
-def parse_hostport(text: str, key: str = "socks") -> tuple[str, int]:
+def parse_hostport(text: str, key: str = "listen") -> tuple[str, int]:
     """`HOST:PORT`, `[v6]:PORT`."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", text.strip())
     if not m:
@@ -263,7 +264,7 @@ def _path(key: str, v: Any) -> str:
     return text
 
 
-def _socks(key: str, v: Any) -> tuple[tuple[str, int], ...]:
+def _listen(key: str, v: Any) -> tuple[tuple[str, int], ...]:
     items = [v] if isinstance(v, str) else v
     if not isinstance(items, list) or not items:
         raise ConfigError(f'{key}: expected "HOST:PORT" or a list of them')
@@ -357,7 +358,7 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "context": _int_in(CONTEXT_IDS.start, CONTEXT_IDS.stop - 1),
     "sim_pin": _pin,
     "registration_timeout": _positive,
-    "socks": _socks,
+    "listen": _listen,
     "socks_users": _users,
     "socks_users_file": _path,
     "allow": _routes,
@@ -398,6 +399,12 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
 }
 
 
+# Old names still read: a file may use either spelling, never both.
+ALIASES: Final[dict[str, str]] = {"socks": "listen"}
+# Keys whose command-line flag is not --KEY (the CLI kept its name when the key was renamed).
+FLAGS: Final[dict[str, str]] = {"listen": "--socks"}
+
+
 def _line_of(text: str, key: str) -> int | None:
     pattern = re.compile(rf"^\s*{re.escape(key)}\s*=|^\s*\[\s*{re.escape(key)}\s*\]")
     for number, line in enumerate(text.splitlines(), 1):
@@ -428,11 +435,18 @@ def load(path: Path) -> dict[str, Any]:
         if key == "modem":
             out["modems"] = _modem_tables(value, path, text)
             continue
-        check = CHECKS.get(key)
+        name = ALIASES.get(key, key)
+        check = CHECKS.get(name)
         if check is None:
             raise ConfigError(f"{where(key)}: unknown key {key!r}")
+        if name in out:  # the other spelling came first
+            old = next(k for k, v in ALIASES.items() if v == name)
+            raise ConfigError(
+                f"{where(key)}: {old} and {name} are both set: {old} is the old name of "
+                f"{name}, keep one"
+            )
         try:
-            out[key] = check(key, value)
+            out[name] = check(key, value)
         except ConfigError as exc:
             raise ConfigError(f"{where(key)}: {exc}") from None
     for file_key, key in (("password_file", "password"), ("socks_users_file", "socks_users")):
@@ -552,13 +566,13 @@ def build(
         except ConfigError as exc:
             raise ConfigError(f"{ENV_PASSWORD}: {exc}") from None
         merged.pop("password_file", None)
-    flags = {key: value for key, value in overrides.items() if value is not None}
+    flags = {ALIASES.get(k, k): value for k, value in overrides.items() if value is not None}
     if "modems" in flags:  # built by the CLI from repeated --device / --emulate N
         merged["modems"] = flags.pop("modems")
     if "password" in flags and "password_file" in flags:
         raise ConfigError("--password and --password-file: give one")
     for key, value in flags.items():
-        flag = f"--{key.replace('_', '-')}"
+        flag = FLAGS.get(key, f"--{key.replace('_', '-')}")
         try:
             merged[key] = CHECKS[key](key, value)
             if key == "password_file":

@@ -36,9 +36,10 @@ def load_text(tmp_path: Path, text: str) -> dict:
         ('password = "p\\u0007"\n', "password", 1),
         ('sim_pin = "12a4"\n', "sim_pin", 1),
         ("registration_timeout = -1\n", "registration_timeout", 1),
-        ('socks = "1080"\n', "socks", 1),
-        ('socks = ["127.0.0.1:99999"]\n', "socks", 1),
-        ('socks = ["example.com:1080"]\n', "socks", 1),
+        ('listen = "1080"\n', "listen", 1),
+        ('listen = ["127.0.0.1:99999"]\n', "listen", 1),
+        ('listen = ["example.com:1080"]\n', "listen", 1),
+        ('socks = "1080"\n', "socks", 1),  # the old name, checked the same way
         ("socks_users = 3\n", "socks_users", 1),
         ('\n[socks_users]\nalice = ""\n', "socks_users.alice", None),
         ('allow = ["10.0.0.0/33"]\n', "allow", 1),
@@ -76,10 +77,14 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_flags_override_the_file_and_are_checked_too(tmp_path: Path) -> None:
-    values = load_text(tmp_path, 'apn = "from-file"\nsocks = ["127.0.0.1:1081"]\n')
-    settings = config.build(values, {"apn": "from-flag", "socks": None, "context": None})
+    values = load_text(tmp_path, 'apn = "from-file"\nlisten = ["127.0.0.1:1081"]\n')
+    settings = config.build(values, {"apn": "from-flag", "listen": None, "context": None})
     assert settings.apn == "from-flag"
-    assert settings.socks == (("127.0.0.1", 1081),)
+    assert settings.listen == (("127.0.0.1", 1081),)
+    settings = config.build(values, {"listen": ["127.0.0.1:1082"]})
+    assert settings.listen == (("127.0.0.1", 1082),)
+    with pytest.raises(ConfigError, match=r"^--socks: listen: "):  # the flag kept its name
+        config.build(values, {"listen": ["nowhere"]})
     with pytest.raises(ConfigError, match="--context"):
         config.build(values, {"context": 0})
 
@@ -95,11 +100,25 @@ def test_metrics_is_off_by_default_and_a_listen_address_when_set(tmp_path: Path)
 
 def test_ipv6_listen_and_users(tmp_path: Path) -> None:
     values = load_text(
-        tmp_path, 'socks = ["[::1]:1080", "127.0.0.1:1080"]\n[socks_users]\nbob = "pw"\n'
+        tmp_path, 'listen = ["[::1]:1080", "127.0.0.1:1080"]\n[socks_users]\nbob = "pw"\n'
     )
     settings = config.build(values, {})
-    assert settings.socks == (("::1", 1080), ("127.0.0.1", 1080))
+    assert settings.listen == (("::1", 1080), ("127.0.0.1", 1080))
     assert settings.socks_users == {"bob": "pw"}
+
+
+def test_socks_is_the_old_name_of_listen(tmp_path: Path) -> None:
+    values = load_text(tmp_path, 'socks = ["127.0.0.1:1081"]\n')
+    assert config.build(values, {}).listen == (("127.0.0.1", 1081),)
+    for text, line in (
+        ('socks = ["127.0.0.1:1081"]\nlisten = ["127.0.0.1:1082"]\n', 2),
+        ('listen = ["127.0.0.1:1082"]\napn = "x"\nsocks = ["127.0.0.1:1081"]\n', 3),
+    ):
+        with pytest.raises(ConfigError) as info:
+            load_text(tmp_path, text)
+        message = str(info.value)
+        assert "socks and listen are both set" in message, message
+        assert re.search(rf"config\.toml:{line}: ", message), message
 
 
 def test_redacted_hides_secrets() -> None:

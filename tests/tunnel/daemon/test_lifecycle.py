@@ -171,7 +171,7 @@ class FakeModem:
 
 async def run_daemon(nursery: trio.Nursery, fake: FakeModem, **settings: object) -> Daemon:
     values: dict[str, object] = dict(
-        socks=(("127.0.0.1", 0),), control="", device="socket://fake:1",
+        listen=(("127.0.0.1", 0),), control="", device="socket://fake:1",
         registration_timeout=30, probe_interval=30, probe_timeout=60,
     )  # fmt: skip
     values.update(settings)

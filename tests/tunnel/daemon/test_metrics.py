@@ -298,7 +298,7 @@ async def test_backoff_shows_the_wait_in_virtual_time(autojump_clock) -> None:
     """The 5th restart in a row waits 10 min (manual 1.1): the gauge says so meanwhile."""
     async with trio.open_nursery() as nursery:
         fake = BrokenNetworkModem(nursery)  # start-up works, AT+QIACT always fails
-        settings = Settings(socks=(("127.0.0.1", 0),), registration_timeout=30, control="",
+        settings = Settings(listen=(("127.0.0.1", 0),), registration_timeout=30, control="",
                             device="socket://fake:1")  # fmt: skip
         daemon = Daemon(settings, opener=fake.connect)
         nursery.start_soon(daemon.run)

@@ -99,7 +99,7 @@ async def test_daemon_follows_the_schedule_when_the_context_never_comes_up(
 ) -> None:
     async with trio.open_nursery() as nursery:
         fake = BrokenNetworkModem(nursery)
-        settings = Settings(socks=(("127.0.0.1", 0),), registration_timeout=30, control="",
+        settings = Settings(listen=(("127.0.0.1", 0),), registration_timeout=30, control="",
                             device="socket://fake:1")  # fmt: skip
         daemon = Daemon(settings, opener=fake.connect)
         nursery.start_soon(daemon.run)
@@ -155,7 +155,7 @@ class HangsDuringRecovery(BrokenNetworkModem):
 async def test_timeout_during_context_recovery_reboots_the_modem(autojump_clock) -> None:
     async with trio.open_nursery() as nursery:
         fake = HangsDuringRecovery(nursery)
-        settings = Settings(socks=(("127.0.0.1", 0),), control="", device="socket://fake:1")
+        settings = Settings(listen=(("127.0.0.1", 0),), control="", device="socket://fake:1")
         daemon = Daemon(settings, opener=fake.connect)
         nursery.start_soon(daemon.run)
         await fake.serving_again.wait()
