@@ -22,6 +22,7 @@ from tunnel.at import commands as at
 from tunnel.at.errors import CommandError, ModemError
 from tunnel.daemon import sdnotify
 from tunnel.daemon.config import Settings
+from tunnel.daemon.forward import Forwarder
 from tunnel.daemon.lifecycle import (
     Phase,
     RestartView,
@@ -75,6 +76,9 @@ class Daemon:
         self.settings = settings
         self.gateway = ModemGateway(
             connect_wait=settings.connect_wait, flow_buffer=settings.flow_buffer
+        )
+        self.forwarder = Forwarder(
+            settings.forward, settings.forward_connections, rx_buffer=settings.flow_buffer
         )
         self.emulator: object | None = emulator
         self.device = settings.device
@@ -157,7 +161,8 @@ class Daemon:
                 log.info("emulator started device=%s baud=%s", device, s.baud or "unthrottled")
             self.socks = await nursery.start(_serve_proxy, self.gateway, s)
             self.device = device
-            self._runner = ModemRunner(s, device, self.gateway, self._serving, opener=self._opener)
+            self._runner = ModemRunner(s, device, self.gateway, self._serving, opener=self._opener,
+                                       forwarder=self.forwarder)  # fmt: skip
             self._runner.lifecycle.on_change = self._changed
             if self._stop.is_set():
                 self._runner.stop()
@@ -219,6 +224,7 @@ class Daemon:
             ),
             restarts=tuple(RestartView(r.wall, r.attempt, r.reason) for r in sup.history[-10:]),
             sessions=runner.sessions,
+            forwards=self.forwarder.views(now),
             modem_stats=(
                 {
                     "bytes_in": stats.bytes_in,
