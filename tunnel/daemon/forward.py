@@ -15,6 +15,7 @@ the port as often as it likes, the journal stays bounded.
 
 import ipaddress
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Final
 
@@ -103,10 +104,17 @@ class Forwarder:
         self.connect_timeout = connect_timeout
         self.active = 0
         self.incoming_full = 0
+        self.listened: Counter[int] = Counter()  # modem port -> times its listener opened
         self._limit = LogLimiter(log)
+        self._changed = trio.Event()  # set and replaced whenever a listener opens
 
     def __bool__(self) -> bool:
         return bool(self._states)
+
+    async def wait_listening(self, modem_port: int, times: int = 1) -> None:
+        """Until the listener of `modem_port` has been opened `times` times in all."""
+        while self.listened[modem_port] < times:
+            await self._changed.wait()
 
     async def serve(self, pool: SocketPool) -> None:
         """Open every listener and forward what they accept, until cancelled (the modem stops
@@ -146,6 +154,9 @@ class Forwarder:
                 pause = min(pause * 2, RETRY[1])
                 continue
             st.listener, st.state, st.detail = listener, "listening", ""
+            self.listened[port] += 1
+            self._changed.set()
+            self._changed = trio.Event()
             try:
                 while True:
                     self._admit(st, await listener.accept(), nursery)
