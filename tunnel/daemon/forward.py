@@ -1,7 +1,7 @@
 """Inbound port forwarding: the modem listens, and what it accepts is joined to a local address.
 
 Each `[[forward]]` (tunnel.daemon.config.Forward) is a "TCP LISTENER" on the context's address
-(manual 2.4; tunnel.modem.listen), opened every time the modem serves: a context that drops or a
+(manual 2.4; tunnel.modem.listener), opened every time the modem serves: a context that drops or a
 modem that restarts loses its listeners, so `serve` runs once per SERVING phase and ends with it.
 For each accepted connection, at once: a remote outside `allow` is closed (AT+QICLOSE), so is
 one past the caps (per forward, and all forwards together: inbound traffic must never take every
@@ -26,7 +26,7 @@ from proxy.splice import arm_reset
 from tunnel.at.errors import ModemError
 from tunnel.at.events import IncomingFull
 from tunnel.daemon.config import Forward
-from tunnel.modem.listen import ListenerClosed, ModemListener, open_listener
+from tunnel.modem.listener import ListenerClosed, ModemListener, open_listener
 from tunnel.modem.pool import SocketPool
 from tunnel.modem.tcp import RX_BUFFER, ModemSocket
 from uplink import Splice

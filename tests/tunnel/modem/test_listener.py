@@ -11,7 +11,7 @@ from tests.tunnel.modem.peer import Peer
 from tests.tunnel.modem.test_tcp import NASTY, push, qird, receive_exactly
 from tunnel.at.errors import ErrorCode
 from tunnel.modem.engine import Modem
-from tunnel.modem.listen import ListenerClosed, ModemListener, open_listener
+from tunnel.modem.listener import ListenerClosed, ModemListener, open_listener
 from tunnel.modem.pool import OpenError, SlotState, SocketPool
 from tunnel.modem.tcp import ModemSocket, open_tcp
 from tunnel.modem.tcp_receive import RxState
