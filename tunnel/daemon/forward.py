@@ -218,10 +218,11 @@ class Forwarder:
                     arm_reset(target.socket)
                 with trio.CancelScope(shield=True):
                     await target.aclose()
+            # up: from the remote peer to `to` (the splice's own "up" is the target's way).
             self._limit.log(logging.INFO, f"close:{f.modem_port}",
                             "forwarded connection closed port=%d remote=%s id=%d up=%d down=%d "
-                            "reason=%s", f.modem_port, sock.peer, sock.connect_id, flow.up,
-                            flow.down, flow.reason)  # fmt: skip
+                            "reason=%s", f.modem_port, sock.peer, sock.connect_id, flow.down,
+                            flow.up, flow.reason)  # fmt: skip
         finally:
             self.active -= 1
             st.flows.discard(sock)
