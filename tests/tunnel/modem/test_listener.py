@@ -12,7 +12,7 @@ from tests.tunnel.modem.test_tcp import NASTY, push, qird, receive_exactly
 from tunnel.at.errors import ErrorCode
 from tunnel.modem.engine import Modem
 from tunnel.modem.listener import ListenerClosed, ModemListener, open_listener
-from tunnel.modem.pool import OpenError, SlotState, SocketPool
+from tunnel.modem.pool import OpenError, SharePolicy, SlotState, SocketPool
 from tunnel.modem.tcp import ModemSocket, open_tcp
 from tunnel.modem.tcp_receive import RxState
 
@@ -198,3 +198,29 @@ async def test_a_listener_the_context_drops_ends_accept(line) -> None:
             await listener.accept()
         assert not listener.listening
         await close_expecting(peer, listener, 0)
+
+
+async def test_an_idle_accepted_flow_is_closed_like_any_other_but_never_the_listener(
+    autojump_clock,
+) -> None:
+    """Accepted connections share the pool's policy (idle_timeout here); a listener waits on
+    purpose and is never idle."""
+    host, far = trio.testing.memory_stream_pair()
+    peer = Peer(far)
+    policy = SharePolicy(idle_timeout=60.0)
+    async with Modem.open(host) as modem, SocketPool.open(modem, 1, policy) as pool:
+        with trio.fail_after(600):
+            listener = await listen(pool, peer)
+            await peer.send(incoming(11, 0))
+            sock = await listener.accept()
+            start = trio.current_time()
+            await peer.expect(b"AT+QICLOSE=11\r")
+            assert trio.current_time() - start >= 60.0
+            await peer.send(b"\r\nOK\r\n")
+            assert await sock.receive_some() == b""  # an idle close ends cleanly
+            await trio.testing.wait_all_tasks_blocked()
+            assert pool.in_use() == [0]
+            assert pool.idle_closed_total == 1
+            await close_expecting(peer, listener, 0)
+        await far.aclose()
+        await modem.closed.wait()
