@@ -111,6 +111,10 @@ class Forwarder:
     def __bool__(self) -> bool:
         return bool(self._states)
 
+    def allows(self, modem_port: int, ip: str) -> bool:
+        """Whether the forward on `modem_port` lets a remote at `ip` in."""
+        return any(st.allows(ip) for st in self._states if st.forward.modem_port == modem_port)
+
     async def wait_listening(self, modem_port: int, times: int = 1) -> None:
         """Until the listener of `modem_port` has been opened `times` times in all."""
         while self.listened[modem_port] < times:
