@@ -106,7 +106,7 @@ async def test_buffer_mode_incoming_is_read_with_qird(line) -> None:
         await close_expecting(peer, listener, 0)
 
 
-async def test_incoming_on_an_id_in_use_fails_that_flow_and_closes_the_id(line) -> None:
+async def test_incoming_on_an_id_in_use_fails_that_flow_and_closes_the_id(line, caplog) -> None:
     """Our table says id 1 is a dial-out flow; the module says it just gave id 1 to an
     incoming connection: the flow is failed, the id closed, no byte crosses over."""
     _modem, pool, peer = line
@@ -132,6 +132,8 @@ async def test_incoming_on_an_id_in_use_fails_that_flow_and_closes_the_id(line) 
         assert peer.buf == b""
         assert pool.in_use() == [0]
         assert pool.inconsistencies == 1
+        [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert "connectID in use here but given to an incoming connection" in error.getMessage()
         with trio.move_on_after(0.1) as nothing:
             await listener.accept()
         assert nothing.cancelled_caught  # the stray never became a connection of ours
