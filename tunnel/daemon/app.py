@@ -24,6 +24,7 @@ from tunnel.at.errors import CommandError, ModemError
 from tunnel.daemon import sdnotify
 from tunnel.daemon.balance import Balance, Balancer, Candidate
 from tunnel.daemon.config import Settings
+from tunnel.daemon.forward import Forwarder
 from tunnel.daemon.lifecycle import (
     Counters,
     Phase,
@@ -86,6 +87,10 @@ class Daemon:
             for _ in self.modem_configs
         ]
         self.gateway = self.gateways[0]  # the first modem's (control's ping/ntp/resolve)
+        # Inbound forwards listen on the first modem (its address is the one users are given).
+        self.forwarder = Forwarder(
+            settings.forward, settings.forward_connections, rx_buffer=settings.flow_buffer
+        )
         self.modem_set: ModemSet | None = None
         self.uplink: Uplink = self.gateway
         if len(self.modem_configs) > 1:
@@ -216,6 +221,7 @@ class Daemon:
                     gateway,
                     partial(self._serving, i),
                     opener=self._opener,
+                    forwarder=self.forwarder if i == 0 else None,
                 )
                 runner.lifecycle.on_change = partial(self._changed, i)
                 if len(self.modem_configs) > 1:
@@ -304,6 +310,7 @@ class Daemon:
             ),
             restarts=tuple(RestartView(r.wall, r.attempt, r.reason) for r in sup.history[-10:]),
             sessions=runner.sessions,
+            forwards=self.forwarder.views(now) if index == 0 else (),
             modem_stats=(
                 {
                     "bytes_in": stats.bytes_in,

@@ -9,6 +9,7 @@ Secrets need not be in the config or on the command line (/proc/PID/cmdline show
 local user): `password_file`, `socks_users_file`, UC20_TUNNEL_PASSWORD (tunnel/secret_files.py).
 """
 
+import functools
 import ipaddress
 import logging
 import os
@@ -57,6 +58,30 @@ def control_candidates(env: Mapping[str, str] | None = None, euid: int | None = 
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names the key (and the file line when known)."""
+
+
+# Inbound forwarding (`[[forward]]`): the listeners and the connections they accept hold modem
+# connectIDs too; at least this many of the 12 always stay for outgoing clients.
+OUTBOUND_RESERVE: Final = 2
+FORWARD_KEYS: Final = ("modem_port", "to", "allow", "max_connections")
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One `[[forward]]` table: the modem listens on `modem_port` (AT+QIOPEN "TCP LISTENER",
+    manual 2.4) and each connection it accepts is joined to `to` (a local TCP address).
+    `allow`: remote networks let in (empty: everyone); `max_connections`: at most this many at
+    once (0: up to forward_connections, the cap of all forwards together)."""
+
+    modem_port: int
+    to: tuple[str, int]
+    allow: tuple[str, ...] = ()
+    max_connections: int = 0
+
+    @property
+    def target(self) -> str:
+        host, port = self.to
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +136,10 @@ class Settings:
     tun_half_open_max: int = 64
     tun_half_open_timeout: float = 10.0
     tun_open_timeout: float = 30.0
+    # Inbound port forwarding through the modem's TCP listener ([[forward]] tables), and how
+    # many forwarded connections may be open at once, all forwards together.
+    forward: tuple[Forward, ...] = ()
+    forward_connections: int = 4
     control: str = field(default_factory=default_control_path)
     metrics: tuple[str, int] | None = None  # Prometheus /metrics listen address; None: off
     log_level: str = "info"
@@ -346,6 +375,77 @@ def _seconds_or_auto(key: str, v: Any) -> float:
     return float(v)
 
 
+_HOSTNAME: Final = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+
+
+def _target(key: str, v: Any) -> tuple[str, int]:
+    """A local TCP address to connect to: `HOST:PORT`, `[v6]:PORT`, HOST an address or name."""
+    text = _str(key, v).strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
+    if not m:
+        raise ConfigError(f"{key}: {text!r} is not HOST:PORT (IPv6 as [::1]:22)")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: port {port} out of range 1-65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(host):
+            raise ConfigError(f"{key}: {host!r} is neither an IP address nor a host name") from None
+    return host, port
+
+
+def _forward_table(name: str, table: Any, where: Callable[[str], str]) -> Forward:
+    """One [[forward]] table; errors are prefixed with `where(key)` and name `name.key`."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where('')}{name}: expected a table ([[forward]])")
+    for key in table:
+        if key not in FORWARD_KEYS:
+            raise ConfigError(
+                f"{where(key)}{name}.{key}: unknown key (known: {', '.join(FORWARD_KEYS)})"
+            )
+    for key in ("modem_port", "to"):
+        if key not in table:
+            raise ConfigError(f"{where('')}{name}.{key}: missing")
+
+    def check(key: str, fn: Callable[[str, Any], Any]) -> Any:
+        try:
+            return fn(f"{name}.{key}", table[key])
+        except ConfigError as exc:
+            raise ConfigError(f"{where(key)}{exc}") from None
+
+    allow: tuple[str, ...] = ()
+    if "allow" in table:
+        allow = check("allow", _tun_routes)
+        if not allow:
+            raise ConfigError(
+                f"{where('allow')}{name}.allow: empty; leave it out to let everyone in"
+            )
+    limit = check("max_connections", _int_in(1, 12)) if "max_connections" in table else 0
+    return Forward(check("modem_port", _int_in(1, 65535)), check("to", _target), allow, limit)
+
+
+def forwards(v: Any, where: Callable[[int, str], str] = lambda i, k: "") -> tuple[Forward, ...]:
+    """The `forward` array of tables. `where(index, key)` says where table `index`'s `key` is
+    (a "file:line: " prefix, or ""); tables are named `forward[N]`, N from 1 as in the file."""
+    if not isinstance(v, list):
+        raise ConfigError(f"{where(0, '')}forward: expected [[forward]] tables")
+    out: list[Forward] = []
+    seen: dict[int, int] = {}
+    for index, table in enumerate(v):
+        name = f"forward[{index + 1}]"
+        forward = _forward_table(name, table, functools.partial(where, index))
+        if forward.modem_port in seen:
+            raise ConfigError(
+                f"{where(index, 'modem_port')}{name}.modem_port: {forward.modem_port} is "
+                f"forward[{seen[forward.modem_port] + 1}]'s too; one forward per modem port"
+            )
+        seen[forward.modem_port] = index
+        out.append(forward)
+    return tuple(out)
+
+
 CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "device": _device,
     "baud": _int_in(300, 4_000_000),
@@ -387,6 +487,8 @@ CHECKS: Final[dict[str, Callable[[str, Any], Any]]] = {
     "tun_half_open_max": _int_in(1, 4096),
     "tun_half_open_timeout": _positive,
     "tun_open_timeout": _positive,
+    "forward": lambda key, v: forwards(v),
+    "forward_connections": _int_in(1, 12 - OUTBOUND_RESERVE),
     "control": _device,
     "metrics": _metrics,
     "log_level": _choice(*LOG_LEVELS),
@@ -413,6 +515,29 @@ def _line_of(text: str, key: str) -> int | None:
     return None
 
 
+def _table_line(text: str, table: str, index: int, key: str) -> int | None:
+    """The line of `key` in the `index`-th `[[table]]` (its header line if `key` is not found
+    there, None if there is no such table: e.g. an inline array)."""
+    header = re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]")
+    wanted = re.compile(rf"^\s*{re.escape(key)}\s*=") if key else None
+    count = -1
+    start: int | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if header.match(line):
+            count += 1
+            if count == index:
+                start = number
+            elif count > index:
+                break
+            continue
+        if start is not None:
+            if line.lstrip().startswith("["):
+                break
+            if wanted is not None and wanted.match(line):
+                return number
+    return start
+
+
 def load(path: Path) -> dict[str, Any]:
     """Read and validate a TOML file into checked values (not yet merged with defaults).
     `password_file` and `socks_users_file` are read here, relative to the file's directory,
@@ -430,6 +555,10 @@ def load(path: Path) -> dict[str, Any]:
         line = _line_of(text, key)
         return f"{path}:{line}" if line else str(path)
 
+    def where_forward(index: int, key: str) -> str:
+        line = _table_line(text, "forward", index, key) or _line_of(text, "forward")
+        return f"{path}:{line}: " if line else f"{path}: "
+
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key == "modem":
@@ -439,6 +568,9 @@ def load(path: Path) -> dict[str, Any]:
         check = CHECKS.get(name)
         if check is None:
             raise ConfigError(f"{where(key)}: unknown key {key!r}")
+        if key == "forward":
+            out[key] = forwards(value, where_forward)
+            continue
         if name in out:  # the other spelling came first
             old = next(k for k, v in ALIASES.items() if v == name)
             raise ConfigError(
@@ -585,6 +717,13 @@ def build(
     settings = replace(settings, **merged)
     if settings.tun_half_open_per_source > settings.tun_half_open_max:
         raise ConfigError("tun_half_open_per_source: must not exceed tun_half_open_max")
+    listeners = len(settings.forward)
+    if listeners and listeners + settings.forward_connections > 12 - OUTBOUND_RESERVE:
+        raise ConfigError(
+            f"forward: {listeners} listener(s) and forward_connections = "
+            f"{settings.forward_connections} would leave fewer than {OUTBOUND_RESERVE} of the "
+            "modem's 12 connections to outgoing clients"
+        )
     if settings.tun_address == settings.tun_peer:
         raise ConfigError("tun_peer: must differ from tun_address")
     if settings.username and settings.auth == "none":

@@ -219,6 +219,29 @@ class _Handler:
                 }
                 for f in st.flows
             ],
+            "forwards": [
+                {
+                    "modem_port": fw.modem_port,
+                    "to": fw.to,
+                    "allow": list(fw.allow),
+                    "state": fw.state,
+                    "id": fw.connect_id,
+                    "detail": fw.detail,
+                    "accepted": fw.accepted,
+                    "refused": fw.refused,
+                    "connections": [
+                        {
+                            "id": c.connect_id,
+                            "remote": c.remote,
+                            "up": c.up,
+                            "down": c.down,
+                            "age": c.age,
+                        }
+                        for c in fw.connections
+                    ],
+                }
+                for fw in st.forwards
+            ],
             "dns": d.dns_stats(),
             "tun": d.tun_status(),
         }

@@ -10,7 +10,8 @@ Why these phases (manual 1.1 and 2.16.5; DESIGN.md principle 7):
 - STARTING: sync, echo off, SIM, registration (tunnel.modem.startup); a SIM that needs a human
   ends in SIM_BLOCKED, and a PIN is never retried.
 - ACTIVATING: AT+QICSGP / AT+QIACT (up to 150 s), DNS servers, leftover sockets closed.
-- SERVING: flows run; the idle probe checks the modem answers and the context is up.
+- SERVING: flows run; the idle probe checks the modem answers and the context is up; the
+  inbound forwards' listeners are opened (again: a RECOVERING or STARTING in between lost them).
 - RECOVERING: "pdpdeact" (or a dead context found by the probe): the host must AT+QIDEACT
   (2.16.5), then activate again, with backoff; flows were reset.
 - BACKOFF: a failure (start-up or activation failed, a command past its limit) waits the
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Final
 
+from tunnel.daemon.forward import ForwardView
 from tunnel.modem.engine import ModemStats
 from tunnel.modem.pool import FlowView, SocketPool
 
@@ -176,6 +178,7 @@ class Status:
     sessions: int = 0
     modem_stats: dict[str, int] = field(default_factory=dict)
     registration: int | None = None  # the +CGREG <stat> the last start-up ended with
+    forwards: tuple[ForwardView, ...] = ()  # inbound port forwards and their connections
 
 
 @dataclass(frozen=True, slots=True)

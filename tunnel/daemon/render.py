@@ -72,6 +72,20 @@ def _status(a: dict[str, Any]) -> str:
             f"  id {f['id']:>2} {f['kind']} {f['dst']} up {_size(f['up'])} "
             f"down {_size(f['down'])} age {_duration(f['age'])}"
         )
+    for fw in a.get("forwards", ()):
+        where = f"id {fw['id']}" if fw["id"] is not None else fw["state"]
+        allow = ", ".join(fw["allow"]) or "everyone"
+        line = (
+            f"forward modem port {fw['modem_port']} -> {fw['to']}: {fw['state']} ({where}), "
+            f"allow {allow}, {len(fw['connections'])} open, {fw['accepted']} accepted, "
+            f"{fw['refused']} refused"
+        )
+        lines.append(line + (f": {fw['detail']}" if fw["detail"] else ""))
+        for c in fw["connections"]:
+            lines.append(
+                f"  id {c['id']:>2} from {c['remote']} up {_size(c['up'])} "
+                f"down {_size(c['down'])} age {_duration(c['age'])}"
+            )
     d = a["dns"]
     lines.append(f"dns: {d['lookups']} lookups, {d['cache_hits']} cache hits")
     tun = a.get("tun")

@@ -19,6 +19,7 @@ from tunnel.at import commands as at
 from tunnel.at.errors import CommandError, CommandTimeout, ModemError, ModemGone, ModemRebooted
 from tunnel.at.events import PdpDeactivated
 from tunnel.daemon.config import Settings
+from tunnel.daemon.forward import Forwarder
 from tunnel.daemon.lifecycle import ON_PORT, WITH_POOL, Cause, Counters, Lifecycle, Phase
 from tunnel.daemon.supervisor import Supervisor
 from tunnel.modem import context
@@ -41,7 +42,9 @@ Outcome = tuple[Cause, str]
 
 class ModemRunner:
     """Drives one modem through the lifecycle until stopped. `on_serving(ip)` runs every time
-    the modem serves (the first time: the daemon is ready)."""
+    the modem serves (the first time: the daemon is ready). `forwarder`: the inbound port
+    forwards, whose listeners are opened every time the modem serves (a dropped context or a
+    restart loses them)."""
 
     def __init__(
         self,
@@ -51,8 +54,10 @@ class ModemRunner:
         on_serving: Callable[[str], None],
         *,
         opener: PortOpener | None = None,
+        forwarder: Forwarder | None = None,
     ) -> None:
         self.settings = settings
+        self.forwarder = forwarder
         self.device = device
         self.gateway = gateway
         self.on_serving = on_serving
@@ -253,6 +258,8 @@ class ModemRunner:
             self.on_serving(self.ip)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._probe, modem, dropped)
+                if self.forwarder:
+                    nursery.start_soon(self.forwarder.serve, pool)
                 await first_of(self._stop, dropped, modem.restarted, modem.closed,
                                modem.unresponsive)  # fmt: skip
                 nursery.cancel_scope.cancel()

@@ -37,7 +37,11 @@ FAULT_SPECS: Final = (
     'both forms. closed-send:MODE, what AT+QISEND does on a TCP socket after its "closed" URC '
     "(2.16.1 says only that it is 'closing'): error = ERROR 555 (the default); accept = the "
     "far end only half-closed (TCP CLOSE_WAIT): data is still sent until the host socket "
-    "breaks. Timed events, S seconds after "
+    "breaks. incoming-id:MODE, which free connectID the module gives an incoming connection "
+    "(2.4 says only that it picks one; 4.5.2 shows 11): highest (the default) or lowest. "
+    "incoming-access:MODE, the access mode of an accepted connection: listener = the "
+    "listener's (2.4, the default); buffer = buffer access mode whatever the listener's "
+    "(2.16.4). Timed events, S seconds after "
     "the emulator starts: pdpdeact-after:S[:CTX] (the network drops context CTX, default 1), "
     "hang-after:S[:cfun] (stop answering; with :cfun only AT+CFUN=1,1 is still obeyed), "
     "reboot-after:S[:SILENCE] (brownout: the output stops at the byte being written, even "
@@ -51,6 +55,8 @@ SWTMD_HELD: Final = ("atomic", "gradual", "keep", "queue")
 SWTMD_ALIASES: Final = {"flush": "atomic"}  # its first name, before gradual existed
 QIRD_PUSH: Final = ("data", "empty", "error")
 CLOSED_SEND: Final = ("error", "accept")
+INCOMING_ID: Final = ("highest", "lowest")
+INCOMING_ACCESS: Final = ("listener", "buffer")
 # A UC20 whose supply sagged is silent for about this long before RDY.
 BROWNOUT_SILENCE: Final = 2.0
 # What garbage-every writes: not a valid line, but never a fake prompt or URC either.
@@ -112,6 +118,8 @@ class FaultControl:
         self._swtmd_held = "atomic"
         self._qird_push = "data"
         self.closed_send = "error"  # see CLOSED_SEND and FAULT_SPECS
+        self.incoming_id = "highest"  # see INCOMING_ID
+        self.incoming_access = "listener"  # see INCOMING_ACCESS
         self.frame_cut: FrameCut | None = None
         self.send_fail_left = 0
         self.qiact_fail_left = 0
@@ -268,7 +276,7 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
     flags = {"push-no-crlf", "open-error-immediate", "no-sim"}
     one_arg = {"cmee", "sim-pin", "searching", "qiact-fail", "send-fail", "boot-delay",
                "open-delay", "qiact-delay", "garbage-every", "swtmd-held",
-               "qird-push", "closed-send"}  # fmt: skip
+               "qird-push", "closed-send", "incoming-id", "incoming-access"}  # fmt: skip
     if name in flags and args:
         raise ValueError(f"fault {spec!r}: takes no argument")
     if name in one_arg and len(args) != 1:
@@ -291,6 +299,16 @@ def parse_fault(spec: str, faults: FaultControl, settings: Settings) -> None:
         if args[0] not in CLOSED_SEND:
             raise ValueError(f"fault {spec!r}: closed-send is one of {', '.join(CLOSED_SEND)}")
         faults.closed_send = args[0]
+    elif name == "incoming-id":
+        if args[0] not in INCOMING_ID:
+            raise ValueError(f"fault {spec!r}: incoming-id is one of {', '.join(INCOMING_ID)}")
+        faults.incoming_id = args[0]
+    elif name == "incoming-access":
+        if args[0] not in INCOMING_ACCESS:
+            raise ValueError(
+                f"fault {spec!r}: incoming-access is one of {', '.join(INCOMING_ACCESS)}"
+            )
+        faults.incoming_access = args[0]
     elif name == "qird-push":
         if args[0] not in QIRD_PUSH:
             raise ValueError(f"fault {spec!r}: qird-push is one of {', '.join(QIRD_PUSH)}")

@@ -213,10 +213,12 @@ async def run_listener(s: Session, conn: Conn) -> None:
             sock.close()
             s.urc('+QIURC: "incoming full"')
             continue
-        # 2.4: the access mode of "TCP INCOMING" is the same as its "TCP LISTENER".
+        # 2.4: the access mode of "TCP INCOMING" is the same as its "TCP LISTENER"; 2.16.4:
+        # it is buffer access mode (the incoming-access fault).
+        access = ACCESS_BUFFER if s.emu.faults.incoming_access == "buffer" else conn.access
         incoming = Conn(
             new_id, conn.ctx, INCOMING, str(addr[0]), int(addr[1]), conn.local_port,
-            conn.access, server_id=conn.connect_id,
+            access, server_id=conn.connect_id,
         )  # fmt: skip
         incoming.stream = trio.SocketStream(sock)
         incoming.state = State.CONNECTED

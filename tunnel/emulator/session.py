@@ -172,8 +172,10 @@ class Session:
     # -- sockets ---------------------------------------------------------------------------
 
     def free_incoming_id(self) -> int | None:
-        """The module picks the connectID of an incoming connection; 4.5.2 shows the top one."""
-        for connect_id in reversed(CONNECT_IDS):
+        """The module picks the connectID of an incoming connection (2.4); 4.5.2 shows the top
+        one (the default), the incoming-id fault may pick the lowest."""
+        order = CONNECT_IDS if self.emu.faults.incoming_id == "lowest" else reversed(CONNECT_IDS)
+        for connect_id in order:
             if connect_id not in self.conns:
                 return connect_id
         return None

@@ -6,7 +6,16 @@ serial reader hands every URC for that connectID to the owner through `FlowOwner
 buffer-mode notices, "closed", a cut frame) without ever blocking; owners run their own modem
 commands (tunnel.stream's receive driver, QISEND) and give the id back with `release`.
 
-ConnectID lifecycle, one table: FREE -> OPENING -> OPEN -> CLOSING -> FREE.
+A "TCP LISTENER" (2.4) holds a slot like any flow. The connectID of a connection it accepts is
+picked by the module, not by us (2.4, 2.16.4: `+QIURC: "incoming",<id>,<serverID>,...`; 4.5.2
+shows 11): that slot goes FREE -> OPEN in the serial reader, and the listener's `Acceptor` gives
+it an owner at once (push data may follow the URC immediately). The module only hands out an id
+it holds free, so an incoming connection on a slot we think is in use means our table and the
+module disagree: the flow we had there is failed, the id closed with AT+QICLOSE, and no byte of
+the one is ever given to the other.
+
+ConnectID lifecycle, one table: FREE -> OPENING -> OPEN -> CLOSING -> FREE, and FREE -> OPEN for
+an accepted connection.
 """
 
 import contextlib
@@ -22,7 +31,7 @@ import trio
 from tunnel.at import commands as at
 from tunnel.at.constants import CONNECT_IDS, TIMEOUTS
 from tunnel.at.errors import CommandError, ErrorCode, ModemError, ModemGone
-from tunnel.at.events import FrameCut, OpenResult, Recv, RecvNotify, SocketClosed
+from tunnel.at.events import FrameCut, Incoming, OpenResult, Recv, RecvNotify, SocketClosed
 from tunnel.modem.engine import Answer, Modem
 from tunnel.util import single_error
 
@@ -37,7 +46,8 @@ class SlotState(Enum):
 
 
 TRANSITIONS: Final[dict[SlotState, frozenset[SlotState]]] = {
-    SlotState.FREE: frozenset({SlotState.OPENING}),
+    # FREE -> OPEN: the module accepted an incoming connection into this id (2.16.4).
+    SlotState.FREE: frozenset({SlotState.OPENING, SlotState.OPEN}),
     SlotState.OPENING: frozenset({SlotState.OPEN, SlotState.CLOSING}),
     SlotState.OPEN: frozenset({SlotState.CLOSING}),
     SlotState.CLOSING: frozenset({SlotState.FREE}),
@@ -92,6 +102,11 @@ class FlowOwner(Protocol):
         """What status shows of the flow."""
 
     async def aclose(self) -> None: ...
+
+
+# What a listener does with a connection the module accepted into `slot`: return its owner, at
+# once (the serial reader calls it; it must not block). The owner may close it right away.
+Acceptor = Callable[["Slot", tuple[str, int]], FlowOwner]
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +173,8 @@ class OpenAnswer(Answer[int]):
 class Slot:
     """One connectID: its lifecycle state and whoever owns it while open."""
 
-    __slots__ = ("client", "connect_id", "opening", "owner", "state")
+    __slots__ = ("accept", "client", "collided", "connect_id", "freed", "opening", "owner",
+                 "state")  # fmt: skip
 
     def __init__(self, connect_id: int) -> None:
         self.connect_id = connect_id
@@ -166,6 +182,11 @@ class Slot:
         self.owner: FlowOwner | None = None
         self.client = ""  # who asked for it (an address), for fair sharing
         self.opening: OpenAnswer | None = None  # while AT+QIOPEN waits for its URC
+        self.accept: Acceptor | None = None  # a listening slot: who takes its connections
+        # An incoming connection the module put here while our QIOPEN for it was due: the open
+        # fails (never retried over it), its release closes the id.
+        self.collided = False
+        self.freed = 0  # times freed: a release whose id was freed meanwhile frees nothing
 
     def move(self, new: SlotState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -203,6 +224,8 @@ class SocketPool:
         # Counted where they happen anyway (a rare path each), for the daemon's metrics.
         self.send_fail_retries = 0  # SEND FAIL answers whose bytes went again later (2.7)
         self.buffer_switches = 0  # flows moved to buffer access mode (AT+QISWTMD=<id>,0, 2.9)
+        self.accepted_total = 0
+        self.inconsistencies = 0  # incoming connections on ids our table had in use
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -217,6 +240,7 @@ class SocketPool:
                     modem.route(RecvNotify, pool._on_notify),
                     modem.route(SocketClosed, pool._on_closed),
                     modem.route(FrameCut, pool._on_frame_cut),
+                    modem.route(Incoming, pool._on_incoming),
                 ]
                 if pool.policy.idle_timeout > 0:
                     nursery.start_soon(pool._close_idle_flows)
@@ -328,6 +352,10 @@ class SocketPool:
         # +QIOPEN URC, before this task runs again.
         slot.owner = owner
         try:
+            if slot.collided:
+                raise OpenError(
+                    "QIOPEN", ErrorCode.SOCKET_ID_IN_USE, "taken by an incoming connection"
+                )
             await self._open(slot, cmd)
         except BaseException as exc:
             # After RDY the modem knows no socket any more: nothing to AT+QICLOSE.
@@ -346,7 +374,7 @@ class SocketPool:
             try:
                 error = await self.modem.chat(cmd, answer)
             except CommandError as exc:
-                if exc.code == ErrorCode.SOCKET_ID_IN_USE and attempt == 1:
+                if exc.code == ErrorCode.SOCKET_ID_IN_USE and attempt == 1 and not slot.collided:
                     # A previous run (or a lost QICLOSE) left it open: we own the modem.
                     log.warning("connectID busy, closing it id=%d", cid)
                     await self.modem.command(at.qiclose(cid))
@@ -356,7 +384,17 @@ class SocketPool:
                 slot.opening = None
             if error != 0:
                 raise OpenError("QIOPEN", error)
+            if slot.collided:
+                raise OpenError(
+                    "QIOPEN", ErrorCode.SOCKET_ID_IN_USE, "taken by an incoming connection"
+                )
             return
+
+    async def listen(self, slot: Slot, owner: FlowOwner, cmd: at.Command, accept: Acceptor) -> None:
+        """AT+QIOPEN a "TCP LISTENER" (`cmd`) on a reserved slot: like `open_slot`, and every
+        connection the module accepts for it (`<serverID>` = this slot) goes to `accept`."""
+        slot.accept = accept
+        await self.open_slot(slot, owner, cmd)
 
     # --- URC handlers (called by the serial reader: never block) ----------------------------
 
@@ -387,6 +425,81 @@ class SocketPool:
             return  # closed before +QIOPEN came: the open's answer reports it as failed
         log.debug("remote closed id=%d", event.connect_id)
         owner.on_peer_closed()
+
+    def _on_incoming(self, event: Incoming) -> None:
+        """`+QIURC: "incoming",<id>,<serverID>,<ip>,<port>` (2.16.4): the module accepted a
+        connection into an id of its choosing."""
+        cid, server_id = event.connect_id, event.server_id
+        if not 0 <= cid < len(self._slots):
+            log.error("incoming connection on an id out of range id=%d server=%d", cid, server_id)
+            return
+        slot = self._slots[cid]
+        server = self._slots[server_id] if 0 <= server_id < len(self._slots) else None
+        if server is None or server.accept is None or server.state is not SlotState.OPEN:
+            log.warning("incoming connection for no listener id=%d server=%d", cid, server_id)
+            if slot.state is SlotState.FREE:
+                # Take the id so that nothing else opens it before the close is done.
+                slot.move(SlotState.OPEN)
+                self._taken(slot)
+                self._nursery.start_soon(self._release_shielded, slot, "no listener")
+                return
+        if slot.state is SlotState.FREE and server is not None and server.accept is not None:
+            self._adopt(slot, server, event)
+        elif slot.state is SlotState.CLOSING and server is not None and server.accept is not None:
+            # 2.16.1: the module reuses an id only after our AT+QICLOSE of it, so its OK came and
+            # the task that frees the id here just has not run yet: free it now (that task then
+            # frees nothing), so the new connection's bytes reach the new owner, not the old.
+            log.debug("incoming connection on an id we just closed id=%d", cid)
+            self._free_slot(slot)
+            self._adopt(slot, server, event)
+        else:
+            self._inconsistent(slot, event)
+
+    def _adopt(self, slot: Slot, server: Slot, event: Incoming) -> None:
+        """`slot` (FREE) to the connection `server` accepted into it."""
+        assert server.accept is not None
+        slot.move(SlotState.OPEN)
+        self._taken(slot)
+        slot.client = f"inbound:{event.remote[0]}"
+        slot.owner = server.accept(slot, event.remote)
+        self.accepted_total += 1
+        log.debug("incoming connection id=%d server=%d remote=%s:%d", slot.connect_id,
+                  server.connect_id, *event.remote)  # fmt: skip
+
+    def _taken(self, slot: Slot) -> None:
+        """`slot` left the free list other than by `reserve`."""
+        self._free.remove(slot)
+        if self._all_free.is_set():
+            self._all_free = trio.Event()
+
+    def _inconsistent(self, slot: Slot, event: Incoming) -> None:
+        """The module gave an incoming connection an id our table has in use: its flow there
+        is gone (or never started) in the module. Fail ours, close the id, mix nothing."""
+        self.inconsistencies += 1
+        log.error("connectID in use here but given to an incoming connection by the modem id=%d "
+                  "state=%s server=%d remote=%s:%d: closing it", slot.connect_id,
+                  slot.state.name, event.server_id, *event.remote)  # fmt: skip
+        reason = "connectID taken by an incoming connection in the modem"
+        if slot.state is SlotState.OPENING:
+            # Our QIOPEN for this id will fail (562) or was never sent: its release closes the
+            # id; until then push data for it is the stranger's, dropped with the failed open.
+            slot.collided = True
+            if slot.owner is not None:
+                slot.owner.on_failed(reason, modem_lost=True)
+            if slot.opening is not None:
+                slot.opening.abort(OpenError("QIOPEN", ErrorCode.SOCKET_ID_IN_USE, reason))
+            return
+        owner, slot.owner = slot.owner, None  # from now on bytes for this id reach no one
+        if owner is not None:
+            owner.on_failed(reason, modem_lost=True)
+            owner.on_reclaimed()
+        if slot.state is SlotState.OPEN:
+            slot.move(SlotState.CLOSING)
+            self._nursery.start_soon(self._release_shielded, slot, "inconsistent")
+
+    async def _release_shielded(self, slot: Slot, reason: str) -> None:
+        with trio.CancelScope(shield=True):
+            await self.release(slot, reason=reason)
 
     def _on_frame_cut(self, event: FrameCut) -> None:
         if event.connect_id is None:
@@ -422,6 +535,7 @@ class SocketPool:
     async def release(self, slot: Slot, *, reason: str, skip_command: bool = False) -> None:
         """AT+QICLOSE (bounded by the manual's 10 s), then free the id, whatever happens."""
         slot.opening = None
+        freed = slot.freed
         if slot.state is not SlotState.CLOSING:
             slot.move(SlotState.CLOSING)
         try:
@@ -433,12 +547,16 @@ class SocketPool:
         except ModemError as exc:
             log.warning("close failed id=%d reason=%s", slot.connect_id, exc)
         finally:
-            log.debug("connectID free id=%d why=%s", slot.connect_id, reason)
-            self._free_slot(slot)
+            if slot.freed == freed:
+                log.debug("connectID free id=%d why=%s", slot.connect_id, reason)
+                self._free_slot(slot)
 
     def _free_slot(self, slot: Slot) -> None:
         slot.owner = None
         slot.client = ""
+        slot.accept = None
+        slot.collided = False
+        slot.freed += 1
         slot.move(SlotState.FREE)
         self._free.append(slot)
         self._waiting.unpark()
@@ -452,6 +570,9 @@ class SocketPool:
     async def wait_idle(self) -> None:
         """Until every connectID is free."""
         await self._all_free.wait()
+
+    def slot_state(self, connect_id: int) -> SlotState:
+        return self._slots[connect_id].state
 
     def in_use(self) -> list[int]:
         return [s.connect_id for s in self._slots if s.state is not SlotState.FREE]

@@ -41,7 +41,7 @@ SEND_FAIL_LIMIT: Final = 60.0  # a send buffer full this long means the flow is 
 ACK_WAIT: Final = 10.0
 HALF_CLOSE_LINGER: Final = 2.0
 # The machine holds nothing in the modem in these states: a quiet peer there is really quiet.
-_QUIET_STATES: Final = frozenset({RxState.PUSH, RxState.EMPTY})
+_QUIET_STATES: Final = frozenset({RxState.INCOMING, RxState.PUSH, RxState.EMPTY})
 _IDLE_STATES: Final = _QUIET_STATES | {RxState.ENDED, RxState.DONE}
 
 
@@ -72,14 +72,23 @@ class ModemSocket(trio.abc.HalfCloseableStream):
     """One TCP connection through the modem. Satisfies tunnel.sockets.FlowOwner."""
 
     def __init__(
-        self, pool: "SocketPool", slot: "Slot", peer: str, *, rx_buffer: int = RX_BUFFER
+        self,
+        pool: "SocketPool",
+        slot: "Slot",
+        peer: str,
+        *,
+        rx_buffer: int = RX_BUFFER,
+        inbound: bool = False,
     ) -> None:
+        """`inbound`: a connection a listener accepted ("TCP INCOMING", 2.4); `peer` is then
+        the remote client's address."""
         self._pool = pool
         self._modem = pool.modem
         self._slot: Slot | None = slot
         self.connect_id = slot.connect_id
         self.peer = peer
-        self.rx = Receiver(rx_buffer)
+        self.inbound = inbound
+        self.rx = Receiver(rx_buffer, accepted=inbound)
         self._consumer_wakeup: trio.Event | None = None
         self._driver_wakeup: trio.Event | None = None
         self._driver_running = False
@@ -134,7 +143,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             self._wake_consumer()
 
     def view(self) -> OwnerView:
-        return OwnerView("tcp", self.peer, self.bytes_sent, self.bytes_received, self.opened_at)
+        kind = "tcp-in" if self.inbound else "tcp"
+        return OwnerView(kind, self.peer, self.bytes_sent, self.bytes_received, self.opened_at)
 
     def idle_since(self) -> float | None:
         if self._sending or self.rx.buffered or self.rx.state not in _IDLE_STATES:

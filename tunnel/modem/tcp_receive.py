@@ -7,6 +7,11 @@ the consumer taking bytes — and does what the returned `Wake` flags and `next_
 
 Why it is shaped like this (DESIGN.md principle 1; manual 1.2, 2.8, 2.9, 2.16):
 - A flow is opened in direct push mode; every `+QIURC: "recv",<id>,<len>` frame lands in the buffer.
+- A connection a listener accepted ("TCP INCOMING") starts in INCOMING: 2.4 says it takes the
+  listener's access mode (push, as we open listeners), 2.16.4 says it is in buffer access mode.
+  The first push frame shows push mode (PUSH), the first `+QIURC: "recv",<id>` notice buffer
+  mode (HELD: read it out with AT+QIRD); either way the rest of the machine is unchanged, so
+  the flow is exact under both readings (and a module that mixes them fails it loudly).
 - When the buffer passes its mark the client really stalls: AT+QISWTMD=<id>,0 puts the connectID
   in buffer access mode, the modem holds the data and TCP pushes back on the server. From then on
   the flow is read with AT+QIRD=<id>,1500 while the buffer has room.
@@ -40,6 +45,7 @@ from typing import Final
 
 
 class RxState(Enum):
+    INCOMING = auto()  # accepted by a listener, access mode not yet seen (2.4 vs 2.16.4)
     PUSH = auto()  # direct push mode: frames land in the buffer
     SWITCHING = auto()  # AT+QISWTMD=<id>,0 due or in flight; push frames still land
     SWITCHING_CLOSED = auto()  # ... and the peer closed meanwhile
@@ -90,6 +96,8 @@ def _row(
 # fmt: off
 TRANSITIONS: Final[dict[RxState, dict[Ev, RxState]]] = {
     #                       push                notify              closed
+    # Whatever arrived before "closed" came as a frame or a notice: closed with neither is EOF.
+    S.INCOMING:         _row(S.PUSH,            S.HELD,             S.ENDED),
     S.PUSH:             _row(S.PUSH,            S.PUSH,             S.ENDED,
                              high_water=S.SWITCHING),
     S.SWITCHING:        _row(S.SWITCHING,       S.SWITCHING,        S.SWITCHING_CLOSED,
@@ -165,10 +173,13 @@ class Receiver:
     the flow fails rather than let one stalled client take the daemon's memory.
     """
 
-    def __init__(self, high_water: int, hard_limit: int | None = None) -> None:
+    def __init__(
+        self, high_water: int, hard_limit: int | None = None, *, accepted: bool = False
+    ) -> None:
         if high_water < 1:
             raise ValueError("high_water must be >= 1")
-        self.state = RxState.PUSH
+        # `accepted`: a listener's connection, its access mode still to be seen (INCOMING).
+        self.state = RxState.INCOMING if accepted else RxState.PUSH
         self.high_water = high_water
         self.read_mark = max(1, high_water // 2)
         self.hard_limit = hard_limit if hard_limit is not None else 4 * high_water

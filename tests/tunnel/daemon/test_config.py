@@ -349,3 +349,98 @@ def test_front_limits_reach_the_fronts(tmp_path) -> None:
     path.write_text("tun_half_open_per_source = 9\ntun_half_open_max = 8\n")
     with pytest.raises(config.ConfigError, match="tun_half_open_per_source"):
         config.build(config.load(path), {})
+
+
+# --- [[forward]]: inbound port forwarding ------------------------------------------------------
+
+FORWARDS = """apn = "internet"
+forward_connections = 3
+
+[[forward]]
+modem_port = 2222
+to = "127.0.0.1:22"
+allow = ["10.0.0.0/8", "192.0.2.7"]
+
+[[forward]]
+modem_port = 8080
+to = "nas.lan:80"
+max_connections = 2
+"""
+
+
+def test_forward_tables_load(tmp_path: Path) -> None:
+    s = config.build(load_text(tmp_path, FORWARDS), {}, env={})
+    assert s.forward_connections == 3
+    assert s.forward == (
+        config.Forward(2222, ("127.0.0.1", 22), ("10.0.0.0/8", "192.0.2.7/32"), 0),
+        config.Forward(8080, ("nas.lan", 80), (), 2),
+    )
+    assert s.forward[1].target == "nas.lan:80"
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "line"),
+    [
+        ("modem_port = 0\nto = '127.0.0.1:22'\n", "forward[2].modem_port", 9),
+        ("modem_port = 70000\nto = '127.0.0.1:22'\n", "forward[2].modem_port", 9),
+        ("modem_port = '22'\nto = '127.0.0.1:22'\n", "forward[2].modem_port", 9),
+        ("modem_port = 22\nto = '127.0.0.1'\n", "forward[2].to", 10),
+        ("modem_port = 22\nto = '127.0.0.1:0'\n", "forward[2].to", 10),
+        ("modem_port = 22\nto = 'bad host!:22'\n", "forward[2].to", 10),
+        ("modem_port = 22\nto = ':22'\n", "forward[2].to", 10),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nallow = ['10.0.0.0/33']\n", "forward[2].allow", 11),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nallow = ['2001:db8::/32']\n", "forward[2].allow",
+         11),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nallow = []\n", "forward[2].allow", 11),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nallow = '10.0.0.0/8'\n", "forward[2].allow", 11),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nmax_connections = 13\n",
+         "forward[2].max_connections", 11),
+        ("modem_port = 22\nto = '127.0.0.1:22'\nlisten = 1\n", "forward[2].listen", 11),
+        ("to = '127.0.0.1:22'\n", "forward[2].modem_port", 8),
+        ("modem_port = 22\n", "forward[2].to", 8),
+        ("modem_port = 2222\nto = '127.0.0.1:22'\n", "forward[2].modem_port", 9),
+    ],
+)  # fmt: skip
+def test_bad_forward_tables_name_the_table_key_and_line(
+    tmp_path: Path, table: str, key: str, line: int
+) -> None:
+    text = "\n[[forward]]\nmodem_port = 2222\nto = '127.0.0.1:22'\n\n\n\n[[forward]]\n" + table
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    message = str(info.value)
+    assert f"{key}:" in message
+    assert f"config.toml:{line}:" in message
+
+
+def test_two_forwards_on_one_modem_port_name_both(tmp_path: Path) -> None:
+    table = "[[forward]]\nmodem_port = 22\nto = '127.0.0.1:2%d'\n"
+    text = table % 2 + table % 3
+    with pytest.raises(
+        ConfigError, match=r"config.toml:5: forward\[2\].modem_port: 22 is forward\[1\]'s too"
+    ):
+        load_text(tmp_path, text)
+
+
+def test_forward_must_be_tables(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"config.toml:1: forward: expected \[\[forward\]\] tables"
+    ):
+        load_text(tmp_path, "forward = 2222\n")
+    with pytest.raises(ConfigError, match=r"forward\[1\]: expected a table"):
+        load_text(tmp_path, "forward = [2222]\n")
+
+
+def test_forwards_leave_connections_to_outgoing_clients(tmp_path: Path) -> None:
+    tables = "".join(f"[[forward]]\nmodem_port = {p}\nto = '127.0.0.1:22'\n" for p in range(1, 8))
+    with pytest.raises(ConfigError, match=r"forward: 7 listener.*fewer than 2"):
+        config.build(load_text(tmp_path, tables), {}, env={})
+    assert (
+        len(
+            config.build(
+                load_text(tmp_path, "forward_connections = 3\n" + tables), {}, env={}
+            ).forward
+        )
+        == 7
+    )
+    with pytest.raises(ConfigError, match="forward_connections: 11 out of range 1-10"):
+        load_text(tmp_path, "forward_connections = 11\n")

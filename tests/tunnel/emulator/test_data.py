@@ -459,6 +459,31 @@ async def test_listener_fills_connect_ids_from_the_top(modem) -> None:
             await client.aclose()
 
 
+async def test_incoming_faults_pick_the_lowest_id_and_buffer_mode(start_modem) -> None:
+    """incoming-id:lowest and incoming-access:buffer (2.16.4's reading of the access mode)."""
+    _emulator, host = await start_modem(faults=["incoming-id:lowest", "incoming-access:buffer"])
+    with trio.fail_after(10):
+        assert await host.command("AT+QIACT=1") == ["OK"]
+        assert await host.command('AT+QIOPEN=1,0,"TCP LISTENER","127.0.0.1",0,0,1') == ["OK"]
+        assert await host.line() == "+QIOPEN: 0,0"
+        port = int((await host.command("AT+QISTATE=1,0"))[0].split(",")[4])
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        assert (await host.line()).startswith('+QIURC: "incoming",1,0,"127.0.0.1",')
+        await client.send_all(b"hi")
+        assert await host.line() == '+QIURC: "recv",1'
+        assert (await host.command("AT+QISTATE=1,1"))[0].endswith(',2,1,0,0,"usbmodem"')
+        await host.send(b"AT+QIRD=1,1500\r")
+        await host.expect(b"\r\n+QIRD: 2\r\nhi\r\n\r\nOK\r\n")
+        await client.aclose()
+
+
+def test_incoming_fault_specs_are_checked() -> None:
+    with pytest.raises(ValueError, match="incoming-id is one of highest, lowest"):
+        Emulator(faults=["incoming-id:random"])
+    with pytest.raises(ValueError, match="incoming-access is one of listener, buffer"):
+        Emulator(faults=["incoming-access:push"])
+
+
 SPLIT_INPUT = (
     b"AT+QISEND=0,6\r"
     + b"a\r\nb\x1a\x00"
