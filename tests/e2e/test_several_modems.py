@@ -1,11 +1,13 @@
 """Several emulated modems behind one SOCKS port (issue: several modems behind one proxy)."""
 
 import dataclasses
+import json
 
 import pytest
 import trio
 
 from tests.e2e.harness import start_tunnel
+from tests.e2e.test_operations import run_cli
 from tests.helpers import (
     echo_handler,
     lookalike_payload,
@@ -150,3 +152,33 @@ async def test_all_modems_down_then_one_back(nursery) -> None:
             await echo_through(t.socks_port, echo_port, b"patience")
             assert dials(emulators[1], echo_port) == 1
             assert t.daemon.status_of(0).phase is Phase.RECOVERING
+
+
+async def test_status_lists_every_modem_and_requests_can_name_one(nursery, tmp_path) -> None:
+    control = str(tmp_path / "control.sock")
+    emulators, modems = several(2)
+    async with start_tunnel(nursery, emulators=emulators, modems=modems, control=control):
+        with trio.fail_after(60):
+            js = json.loads((await run_cli("status", "--control", control, "--json")).stdout)
+            assert [(m["name"], m["state"]) for m in js["modems"]] == [
+                ("m0", "serving"),
+                ("m1", "serving"),
+            ]
+            assert {m["ip"] for m in js["modems"]} == {"10.7.157.1", "10.7.158.1"}
+            assert all(m["operator"] == "UC20 Emulator" for m in js["modems"])
+            text = (await run_cli("status", "--control", control)).stdout.decode()
+            assert "modems: 2/2 serving" in text
+            assert "m1: serving" in text
+            # --modem NAME asks that modem (its emulator sees the lookup), an unknown name
+            # is refused naming the known ones.
+            before = [len(e.stats.commands) for e in emulators]
+            res = await run_cli("resolve", "files.test", "--modem", "m1", "--control", control)
+            assert res.returncode == 0, res.stderr
+            asked = [
+                [c for c in e.stats.commands[n:] if c.startswith("AT+QIDNSGIP")]
+                for e, n in zip(emulators, before, strict=True)
+            ]
+            assert (len(asked[0]), len(asked[1])) == (0, 1)
+            bad = await run_cli("ping", "files.test", "--modem", "zz", "--control", control)
+            assert bad.returncode != 0
+            assert b"'zz' unknown; one of m0, m1" in bad.stdout + bad.stderr

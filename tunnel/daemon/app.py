@@ -325,6 +325,18 @@ class Daemon:
             ),
         )
 
+    def gateway_for(self, name: str = "") -> ModemGateway:
+        """Modem `name`'s gateway (KeyError for an unknown name); "" is the one the balance
+        policy would pick now (the first when none serves: its own wait then applies)."""
+        names = [m.name for m in self.modem_configs]
+        if name:
+            return self.gateways[names.index(name)] if name in names else _unknown(name)
+        if self.modem_set is not None:
+            picked = self.modem_set.pick_now("")
+            if picked is not None:
+                return self.gateways[names.index(picked)]
+        return self.gateway
+
     def counters(self) -> Counters:
         """Running totals over the daemon's life (modem sessions, pools, flows' bytes): they
         never decrease across a modem restart. Read from memory: cheap, for every scrape."""
@@ -355,9 +367,10 @@ class Daemon:
     def tun_status(self) -> dict[str, Any] | None:
         return self.tun.status() if self.tun is not None else None
 
-    async def radio(self) -> Radio | None:
-        """Signal, operator and registration, asked of the modem now (None: no modem)."""
-        modem = self.modem
+    async def radio(self, index: int = 0) -> Radio | None:
+        """Signal, operator and registration, asked of modem `index` now (None: no modem)."""
+        runner = self._runners[index] if index < len(self._runners) else None
+        modem = runner.modem if runner is not None else None
         if modem is None or not modem.alive:
             return None
         values: list[Any] = []
@@ -451,6 +464,10 @@ async def _serve_proxy(
         udp_require_port=s.socks_udp_require_port,
         task_status=task_status,
     )
+
+
+def _unknown(name: str) -> ModemGateway:
+    raise KeyError(name)
 
 
 def _hostport(host: str, port: int) -> str:

@@ -120,6 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     ntp.add_argument("--port", type=int, default=123)
     resolve = control_command("resolve", "resolve a name through the modem (AT+QIDNSGIP)")
     resolve.add_argument("name")
+    for cmd in (ping, ntp, resolve):
+        cmd.add_argument(
+            "--modem", metavar="NAME", default="",
+            help="with several modems: ask this one (default: the one the policy picks)",
+        )  # fmt: skip
 
     emu = sub.add_parser(
         "emulator",
@@ -247,6 +252,8 @@ def _client(args: argparse.Namespace) -> int:
         message.update(server=args.server, port=args.port)
     elif args.command == "resolve":
         message.update(name=args.name)
+    if getattr(args, "modem", ""):
+        message["modem"] = args.modem
     try:
         path = _control_paths(args)[0]
     except ConfigError as exc:

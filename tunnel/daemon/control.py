@@ -36,7 +36,8 @@ from tunnel.modem.ping_ntp import ServiceError
 from uplink import ResolveError
 
 if TYPE_CHECKING:
-    from tunnel.daemon.app import Daemon
+    from tunnel.daemon.app import Daemon, Radio
+    from tunnel.modem.gateway import ModemGateway
 
 __all__ = [
     "ClaimedSocket",
@@ -244,11 +245,47 @@ class _Handler:
             ],
             "dns": d.dns_stats(),
             "tun": d.tun_status(),
+            "modems": await self._modems(radio),
         }
+
+    async def _modems(self, first: "Radio | None") -> list[dict[str, Any]]:
+        """Every modem, in configuration order (one entry with one modem)."""
+        d = self.daemon
+        out = []
+        for index, (config, st) in enumerate(zip(d.modem_configs, d.statuses(), strict=True)):
+            radio = await d.radio(index) if index else first  # the first's was just asked
+            out.append(
+                {
+                    "name": config.name,
+                    "weight": config.weight,
+                    "device": st.device,
+                    "state": st.phase.value,
+                    "in_state_for": st.since,
+                    "ip": st.ip,
+                    "signal_dbm": st.signal_dbm,
+                    "operator": radio.operator if radio is not None else None,
+                    "flows": len(st.flows),
+                    "sessions": st.sessions,
+                    "consecutive_failures": st.consecutive_failures,
+                    "next_restart_in": st.next_restart_in,
+                    "restarts": len(st.restarts),
+                }
+            )
+        return out
+
+    def _gateway(self, request: Request) -> "ModemGateway":
+        """The modem a request names, else one the daemon's policy picks (RequestError for a
+        name no modem has)."""
+        name = request.text("modem")
+        try:
+            return self.daemon.gateway_for(name)
+        except KeyError:
+            names = ", ".join(m.name for m in self.daemon.modem_configs)
+            raise RequestError(f"modem: {name!r} unknown; one of {names}") from None
 
     async def ping(self, request: Request) -> dict[str, Any]:
         host, count, wait = request.text("host"), request.number("count"), request.number("wait")
-        report = await self.daemon.gateway.ping_report(host, wait=wait, count=count)
+        report = await self._gateway(request).ping_report(host, wait=wait, count=count)
         summary = report.summary
         assert summary is not None
         return {
@@ -269,11 +306,11 @@ class _Handler:
 
     async def ntp(self, request: Request) -> dict[str, Any]:
         server, port = request.text("server"), request.number("port")
-        return {"server": server, "time": await self.daemon.gateway.ntp(server, port)}
+        return {"server": server, "time": await self._gateway(request).ntp(server, port)}
 
     async def resolve(self, request: Request) -> dict[str, Any]:
         name = request.text("name")
-        answer = await self.daemon.gateway.resolve(name)
+        answer = await self._gateway(request).resolve(name)
         return {"name": name, "addresses": list(answer.addresses), "ttl": answer.ttl}
 
 

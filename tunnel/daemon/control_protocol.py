@@ -6,6 +6,7 @@ A request is one line of UTF-8 JSON, at most MAX_REQUEST bytes, nested at most M
     {"cmd": "ping", "host": H, "count": 1-10 (default 4), "wait": 1-10 (seconds, default 1)}
     {"cmd": "ntp", "server": H (default "pool.ntp.org"), "port": 1-65535 (default 123)}
     {"cmd": "resolve", "name": H}
+ping, ntp and resolve also take "modem": NAME (one of several modems; default: the policy's).
     -> {"ok": true, ...} | {"ok": false, "error": "<field>: <what is wrong>"}
 
 H is a host name or IP literal as the modem takes it (commands.check_host). Every field is
@@ -16,6 +17,7 @@ Nothing here raises anything but RequestError.
 """
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -43,13 +45,27 @@ class Host:
     default: str | None = None  # None: required
 
 
+@dataclass(frozen=True, slots=True)
+class ModemName:
+    """Which modem of several asks ("": whichever the balance policy picks)."""
+
+    default: str | None = ""
+
+
+Rule = Int | Host | ModemName
+MODEM_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{0,32}")
+
 # cmd -> field -> rule. "cmd" itself is not listed.
-SCHEMA: Final[dict[str, dict[str, Int | Host]]] = {
+SCHEMA: Final[dict[str, dict[str, Rule]]] = {
     "status": {},
-    "ping": {"host": Host(), "count": Int(PING_COUNT, 4), "wait": Int(PING_WAIT, 1)},
-    "ntp": {"server": Host("pool.ntp.org"), "port": Int(range(1, 65536), 123)},
-    "resolve": {"name": Host()},
-}
+    "ping": {
+        "host": Host(), "count": Int(PING_COUNT, 4), "wait": Int(PING_WAIT, 1),
+        "modem": ModemName(),
+    },
+    "ntp": {"server": Host("pool.ntp.org"), "port": Int(range(1, 65536), 123),
+            "modem": ModemName()},
+    "resolve": {"name": Host(), "modem": ModemName()},
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +94,11 @@ def _kind(value: Any) -> str:
     return _KINDS.get(type(value), "number")
 
 
-def _check(name: str, rule: Int | Host, value: Any) -> int | str:
+def _check(name: str, rule: Rule, value: Any) -> int | str:
+    if isinstance(rule, ModemName):
+        if not isinstance(value, str) or not MODEM_NAME.fullmatch(value):
+            raise RequestError(f"{name}: expected a modem name (up to 32 of A-Z a-z 0-9 _ . -)")
+        return value
     if isinstance(rule, Int):
         lo, hi = rule.allowed.start, rule.allowed.stop - 1
         if type(value) is not int:

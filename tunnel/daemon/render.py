@@ -55,6 +55,23 @@ def _status(a: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"modem: not available (device {a['device']})")
+    modems = a.get("modems") or []
+    if len(modems) > 1:
+        lines.append(
+            f"modems: {sum(m['state'] == 'serving' for m in modems)}/{len(modems)} serving"
+        )
+        for m in modems:
+            signal = f"{m['signal_dbm']} dBm" if m.get("signal_dbm") is not None else "?"
+            backoff = (
+                f", next restart in {_duration(m['next_restart_in'])}"
+                if m.get("next_restart_in") is not None
+                else ""
+            )
+            lines.append(
+                f"  {m['name']}: {m['state']} for {_duration(m['in_state_for'])} on {m['device']}"
+                f", ip {m['ip'] or '-'}, signal {signal}, operator {m.get('operator') or '?'}, "
+                f"{m['flows']} flows, {m['restarts']} restarts{backoff}"
+            )
     c = a["context"]
     lines.append(f"context {c['id']}: apn {c['apn'] or '(none)'}, ip {c['ip'] or '-'}")
     lines.append(f"socks: {', '.join(a['socks'])}")

@@ -78,9 +78,16 @@ def test_bad_requests_name_what_is_wrong(line: bytes, message: str) -> None:
 
 def test_good_requests_get_their_defaults() -> None:
     ping = parse_request(b'{"cmd": "ping", "host": "files.test"}')
-    assert (ping.cmd, ping.args) == ("ping", {"host": "files.test", "count": 4, "wait": 1})
+    assert (ping.cmd, ping.args) == (
+        "ping", {"host": "files.test", "count": 4, "wait": 1, "modem": ""}
+    )  # fmt: skip
     ntp = parse_request(b'{"cmd": "ntp"}')
-    assert ntp.args == {"server": "pool.ntp.org", "port": 123}
+    assert ntp.args == {"server": "pool.ntp.org", "port": 123, "modem": ""}
+    named = parse_request(b'{"cmd": "resolve", "name": "x.test", "modem": "uc20-b"}')
+    assert named.text("modem") == "uc20-b"
+    for bad in (b'"a b"', b'"x;AT"', b"7", b'"' + b"m" * 33 + b'"'):
+        with pytest.raises(RequestError, match="modem: expected a modem name"):
+            parse_request(b'{"cmd": "resolve", "name": "x.test", "modem": ' + bad + b"}")
     full = parse_request(b'{"cmd":"ping","host":"::1","count":10,"wait":10}')
     assert (full.number("count"), full.number("wait"), full.text("host")) == (10, 10, "::1")
 
