@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 import trio
 
-from tests.helpers import LogReader, echo_handler, http_handler, receive_all, serve_tcp
+from tests.helpers import (
+    LogReader,
+    echo_handler,
+    http_handler,
+    receive_all,
+    serve_and_stay,
+    serve_tcp,
+)
 from tests.tunnel.tun.netns import LAN_HOST, entered, ip, lan_behind, link_exists, namespace
 from tests.tunnel.tun.raw import Injector
 from tunnel.tun.packet import checksum
@@ -71,9 +78,11 @@ def tcp_socket(netns: str) -> trio.socket.SocketType:
 
 
 @contextlib.asynccontextmanager
-async def daemon(netns: str, tmp_path: Path, *extra: str) -> AsyncIterator[Running]:
+async def daemon(
+    netns: str, tmp_path: Path, *extra: str, modems: int = 1
+) -> AsyncIterator[Running]:
     command = [
-        *("ip", "netns", "exec", netns, BIN, "run", "--emulate"),
+        *("ip", "netns", "exec", netns, BIN, "run", "--emulate", str(modems)),
         *("--tun", "uc0", "--tun-route", "198.18.0.0/15"),
         *("--socks", "127.0.0.1:0", "--config", "/dev/null"),
         *("--control", str(tmp_path / "control.sock")),
@@ -320,3 +329,38 @@ async def test_lan_behind_a_forwarding_host_is_not_served(
             assert status["refused"]["foreign-source"] >= 1
             assert status["tcp_opened"] == 0
             await running.stop()
+
+
+async def test_tun_flows_spread_over_two_modems(
+    netns: str, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The NAT takes a modem per new flow through the pool, like the SOCKS front."""
+    blob = random.Random(7).randbytes(200_000)
+    port = await serve_in(netns, nursery, serve_tcp, http_handler({"file": blob}))
+    stay = await serve_in(netns, nursery, serve_and_stay, b"hello\n")
+    control = str(tmp_path / "control.sock")
+    async with daemon(netns, tmp_path, modems=2) as running:
+        with trio.fail_after(60):
+            await running.log.wait_for(r"modem ready name=emu1 ")
+            await running.log.wait_for(r"modem ready name=emu2 ")
+            outs = [tmp_path / f"file{i}" for i in range(4)]
+            async with trio.open_nursery() as downloads:
+                for out in outs:
+                    downloads.start_soon(curl, netns, f"http://{TEST_ADDRESS}:{port}/file", out)
+            assert all(out.read_bytes() == blob for out in outs)
+            # Four flows held open at once: least-loaded puts them on both modems.
+            held = []
+            for _ in range(4):
+                sock = tcp_socket(netns)
+                await sock.connect((TEST_ADDRESS, stay))
+                assert await sock.recv(6) == b"hello\n"
+                held.append(sock)
+            status = await trio.run_process(
+                [BIN, "status", "--json", "--control", control], capture_stdout=True
+            )
+            flows = [m["flows"] for m in json.loads(status.stdout)["modems"]]
+            assert sum(flows) == 4
+            assert min(flows) >= 1, flows
+            for sock in held:
+                sock.close()
+        await running.stop()
