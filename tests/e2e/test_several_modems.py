@@ -17,7 +17,7 @@ from tests.helpers import (
 )
 from tunnel.daemon.config import ModemConfig
 from tunnel.daemon.lifecycle import Phase
-from tunnel.emulator import Emulator
+from tunnel.emulator import Emulator, serve_pty
 
 SUCCEEDED = 0x00
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
@@ -182,3 +182,36 @@ async def test_status_lists_every_modem_and_requests_can_name_one(nursery, tmp_p
             bad = await run_cli("ping", "files.test", "--modem", "zz", "--control", control)
             assert bad.returncode != 0
             assert b"'zz' unknown; one of m0, m1" in bad.stdout + bad.stderr
+
+
+async def test_one_modems_port_vanishing_and_returning(nursery, tmp_path) -> None:
+    """A USB modem drops off the bus (its tty goes) while the other serves on; it comes back."""
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulators = [Emulator(ip_base=f"10.7.{157 + i}.1") for i in range(2)]
+    links = [str(tmp_path / f"uc20-{i}") for i in range(2)]
+    scopes = [trio.CancelScope(), trio.CancelScope()]
+
+    async def port(i: int, *, task_status: trio.TaskStatus[str]) -> None:
+        with scopes[i]:
+            await serve_pty(emulators[i], links[i], task_status=task_status)
+
+    for i in range(2):
+        await nursery.start(port, i)
+    modems = tuple(ModemConfig(f"m{i}", 1.0, {"device": links[i]}) for i in range(2))
+    async with start_tunnel(nursery, emulate=False, modems=modems) as t:
+        with trio.fail_after(60):
+            first_modem = t.daemon.modem
+            assert first_modem is not None
+            scopes[0].cancel()  # m0's tty disappears
+            await first_modem.closed.wait()
+            for i in range(4):  # meanwhile m1 carries everything, at once
+                started = trio.current_time()
+                await echo_through(t.socks_port, echo_port, b"still here %d" % i)
+                assert trio.current_time() - started < 1.0
+            assert dials(emulators[1], echo_port) == 4
+            scopes[0] = trio.CancelScope()
+            await nursery.start(port, 0)  # ... and comes back, same path, new pty
+            await t.daemon.wait_phase(Phase.SERVING, 2, modem=0)
+            for _ in range(4):
+                await echo_through(t.socks_port, echo_port, b"both again")
+            assert dials(emulators[0], echo_port) >= 1
