@@ -44,7 +44,7 @@ from proxy.http import (
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import Authenticate, AuthPolicy
 from proxy.splice import arm_reset, close_remote, linger, splice_flow
-from uplink import DialError, Uplink
+from uplink import DialError, Uplink, flow_label
 from uplink.splice import RECEIVE_SIZE
 
 log = logging.getLogger("proxy.server")  # flow lines belong with the server's
@@ -76,7 +76,7 @@ class _Origin:
         self.dst = target.dst
         self.stream = stream
         self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
-        self.connect_id = str(getattr(stream, "connect_id", "-"))
+        self.connect_id = flow_label(stream)
         self.requests = 0
         self.answered = 0  # bytes of the answer to the current request so far
         self.up = 0

@@ -17,7 +17,7 @@ import trio
 
 from proxy.ratelog import LogLimiter
 from proxy.socks5 import ConnectRequest, ReplyCode, Socks5Connection
-from uplink import DialError, DialFailure, Splice, Uplink
+from uplink import DialError, DialFailure, Splice, Uplink, flow_label
 from uplink.splice import RECEIVE_SIZE
 
 log = logging.getLogger("proxy.server")  # flow lines belong with the server's
@@ -108,7 +108,7 @@ async def splice_flow(
                      peer, dst)  # fmt: skip
             return
         opened = True
-        conn_id = str(getattr(remote, "connect_id", "-"))
+        conn_id = flow_label(remote)
         # Not rate-limited: one line per modem connection, and the uplink bounds those.
         log.info("flow open client=%s dst=%s id=%s", peer, dst, conn_id)
         await flow.run()

@@ -12,6 +12,7 @@ from uplink.contract import (
     ResolveError,
     UdpFlow,
     Uplink,
+    flow_label,
 )
 from uplink.splice import Side, Splice
 
@@ -25,4 +26,5 @@ __all__ = [
     "Splice",
     "UdpFlow",
     "Uplink",
+    "flow_label",
 ]

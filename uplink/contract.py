@@ -73,6 +73,15 @@ class UdpFlow(Protocol):
     async def aclose(self) -> None: ...
 
 
+def flow_label(flow: object) -> str:
+    """How logs name a flow: its `connect_id`, after its modem's name when there are several
+    (`modem_name`, set by the uplink); "-" for a flow that carries neither."""
+    connect_id = getattr(flow, "connect_id", None)
+    name = getattr(flow, "modem_name", "")
+    label = "-" if connect_id is None else str(connect_id)
+    return f"{name}:{label}" if name else label
+
+
 class Uplink(Protocol):
     """What the fronts use. `client` names who asks (an address, or an IPv6 /64): the unit the
     uplink shares its scarce connections and lookups fairly by."""
@@ -81,9 +90,9 @@ class Uplink(Protocol):
         self, host: str, port: int, *, client: str = ""
     ) -> trio.abc.HalfCloseableStream:
         """A connected stream to `host`:`port` (an IPv4 literal or a name, resolved far side),
-        or DialError. The stream may carry `bound_address: tuple[str, int] | None` and
-        `connect_id` for the fronts' replies and logs; it raises trio's stream errors
-        (BrokenResourceError when the network side fails)."""
+        or DialError. The stream may carry `bound_address: tuple[str, int] | None`,
+        `connect_id` and `modem_name` for the fronts' replies and logs (see flow_label); it
+        raises trio's stream errors (BrokenResourceError when the network side fails)."""
         ...
 
     async def open_udp(self, *, client: str = "") -> UdpFlow:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import trio
@@ -215,3 +216,16 @@ async def test_one_modems_port_vanishing_and_returning(nursery, tmp_path) -> Non
             for _ in range(4):
                 await echo_through(t.socks_port, echo_port, b"both again")
             assert dials(emulators[0], echo_port) >= 1
+
+
+async def test_flow_log_lines_name_the_modem(nursery, caplog) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulators, modems = several(2)
+    caplog.set_level(logging.INFO)
+    async with start_tunnel(nursery, emulators=emulators, modems=modems) as t:
+        with trio.fail_after(30):
+            for _ in range(2):
+                await echo_through(t.socks_port, echo_port, b"x")
+    opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flow open")]
+    assert len(opened) == 2
+    assert {m.rpartition(" id=")[2].split(":")[0] for m in opened} == {"m0", "m1"}

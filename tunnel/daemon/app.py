@@ -87,6 +87,9 @@ class Daemon:
             for _ in self.modem_configs
         ]
         self.gateway = self.gateways[0]  # the first modem's (control's ping/ntp/resolve)
+        if len(self.modem_configs) > 1:
+            for config, gateway in zip(self.modem_configs, self.gateways, strict=True):
+                gateway.name = config.name  # flow log lines say id=<modem>:<connectID>
         # Inbound forwards listen on the first modem (its address is the one users are given).
         self.forwarder = Forwarder(
             settings.forward, settings.forward_connections, rx_buffer=settings.flow_buffer

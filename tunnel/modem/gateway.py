@@ -75,6 +75,7 @@ class ModemGateway:
         self.resolver = Resolver()
         self._available = trio.Event()
         self.connect_wait = connect_wait
+        self.name = ""  # with several modems: this one's, on its flows for the fronts' logs
         # Bytes through every flow opened here, for the metrics: the flows count their own
         # bytes (no work added per chunk); these hold the flows not yet closed and the sum of
         # the closed ones, folded in at each open and each look (so at most the live flows and
@@ -131,6 +132,7 @@ class ModemGateway:
         except (ModemError, ValueError, trio.TooSlowError) as exc:
             raise DialError(failure_for(exc), f"{type(exc).__name__}: {exc}") from exc
         self._count(sock)
+        sock.modem_name = self.name
         return sock
 
     async def open_udp(self, *, client: str = "") -> ModemUdpFlow:

@@ -86,6 +86,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self._modem = pool.modem
         self._slot: Slot | None = slot
         self.connect_id = slot.connect_id
+        self.modem_name = ""  # set by the gateway when there are several modems
         self.peer = peer
         self.inbound = inbound
         self.rx = Receiver(rx_buffer, accepted=inbound)
