@@ -229,3 +229,23 @@ async def test_flow_log_lines_name_the_modem(nursery, caplog) -> None:
     opened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("flow open")]
     assert len(opened) == 2
     assert {m.rpartition(" id=")[2].split(":")[0] for m in opened} == {"m0", "m1"}
+
+
+async def test_sticky_keeps_each_client_on_one_modem(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulators, modems = several(2)
+    async with start_tunnel(nursery, emulators=emulators, modems=modems, balance="sticky") as t:
+        with trio.fail_after(60):
+            streams = []
+            for source in ("127.0.0.2", "127.0.0.3") * 3:  # interleaved: least-loaded would mix
+                stream, reply = await socks_connect(
+                    t.socks_port, "127.0.0.1", echo_port, local_address=source
+                )
+                assert reply == SUCCEEDED
+                streams.append(stream)
+            clients = [[f.client for f in t.daemon.status_of(i).flows] for i in range(2)]
+            for source in ("127.0.0.2", "127.0.0.3"):
+                where = [sum(c == source for c in on) for on in clients]
+                assert sorted(where) == [0, 3], (source, clients)  # all three on one modem
+            for stream in streams:
+                await stream.aclose()
