@@ -236,16 +236,17 @@ async def test_sticky_keeps_each_client_on_one_modem(nursery) -> None:
     emulators, modems = several(2)
     async with start_tunnel(nursery, emulators=emulators, modems=modems, balance="sticky") as t:
         with trio.fail_after(60):
-            streams = []
-            for source in ("127.0.0.2", "127.0.0.3") * 3:  # interleaved: least-loaded would mix
-                stream, reply = await socks_connect(
-                    t.socks_port, "127.0.0.1", echo_port, local_address=source
-                )
-                assert reply == SUCCEEDED
-                streams.append(stream)
-            clients = [[f.client for f in t.daemon.status_of(i).flows] for i in range(2)]
+            # One flow at a time per client: least-loaded would alternate (ties in turn, or
+            # the other modem while the last flow's connectID is still closing).
             for source in ("127.0.0.2", "127.0.0.3"):
-                where = [sum(c == source for c in on) for on in clients]
-                assert sorted(where) == [0, 3], (source, clients)  # all three on one modem
-            for stream in streams:
-                await stream.aclose()
+                before = [dials(e, echo_port) for e in emulators]
+                for _ in range(4):
+                    stream, reply = await socks_connect(
+                        t.socks_port, "127.0.0.1", echo_port, local_address=source
+                    )
+                    assert reply == SUCCEEDED
+                    await stream.send_all(b"x")
+                    assert await receive_exactly(stream, 1) == b"x"
+                    await stream.aclose()
+                added = [dials(e, echo_port) - n for e, n in zip(emulators, before, strict=True)]
+                assert sorted(added) == [0, 4], (source, added)
