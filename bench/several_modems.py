@@ -67,7 +67,7 @@ def run(count: int, baud: int, body: bytes, flows_per_modem: int) -> tuple[float
             daemon = subprocess.Popen(
                 [str(BIN), "run", *devices, "--baud", str(baud), "--socks", f"127.0.0.1:{port}",
                  "--config", str(tmp / "config.toml"), "--control", str(tmp / "control.sock"),
-                 "--log-level", "warning"], stderr=out,
+                 "--log-level", "info"], stderr=out,
             )  # fmt: skip
         wait_ready(log, daemon)
         deadline = time.monotonic() + 60
