@@ -6,6 +6,8 @@ import logging
 
 import pytest
 import trio
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import start_tunnel
 from tests.e2e.test_operations import run_cli
@@ -18,6 +20,7 @@ from tests.helpers import (
 )
 from tunnel.daemon.config import ModemConfig
 from tunnel.daemon.lifecycle import Phase
+from tunnel.daemon.metrics import registry_for
 from tunnel.emulator import Emulator, serve_pty
 
 SUCCEEDED = 0x00
@@ -250,3 +253,24 @@ async def test_sticky_keeps_each_client_on_one_modem(nursery) -> None:
                     await stream.aclose()
                 added = [dials(e, echo_port) - n for e, n in zip(emulators, before, strict=True)]
                 assert sorted(added) == [0, 4], (source, added)
+
+
+async def test_metrics_have_a_series_per_modem(nursery) -> None:
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulators, modems = several(2)
+    async with start_tunnel(nursery, emulators=emulators, modems=modems, balance="failover") as t:
+        with trio.fail_after(30):
+            for _ in range(3):
+                await echo_through(t.socks_port, echo_port, b"12345")
+            page = generate_latest(registry_for(t.daemon)).decode()
+    samples = {
+        (s.name, s.labels.get("modem")): s.value
+        for family in text_string_to_metric_families(page)
+        for s in family.samples
+    }
+    assert samples[("uc20_serving", "m0")] == samples[("uc20_serving", "m1")] == 1
+    # failover: every flow on m0, none on m1, and each modem's bytes its own.
+    assert samples[("uc20_flows_opened_total", "m0")] == 3
+    assert samples[("uc20_flows_opened_total", "m1")] == 0
+    assert samples[("uc20_bytes_up_total", "m0")] == 15
+    assert samples[("uc20_bytes_up_total", "m1")] == 0

@@ -341,12 +341,16 @@ class Daemon:
         return self.gateway
 
     def counters(self) -> Counters:
-        """Running totals over the daemon's life (modem sessions, pools, flows' bytes): they
-        never decrease across a modem restart. Read from memory: cheap, for every scrape."""
-        runner = self._runner
+        """The first modem's running totals (see counters_of)."""
+        return self.counters_of(0)
+
+    def counters_of(self, index: int) -> Counters:
+        """Modem `index`'s running totals over the daemon's life (modem sessions, pools, flows'
+        bytes): they never decrease across a modem restart. Read from memory: cheap, for every
+        scrape."""
+        runner = self._runners[index] if index < len(self._runners) else None
         total = runner.counters() if runner is not None else Counters()
-        # The first modem's, like every series of the metrics so far (label modem=<its name>).
-        up, down = self.gateway.traffic()
+        up, down = self.gateways[index].traffic()
         return replace(total, bytes_up=up, bytes_down=down)
 
     def healthy(self) -> bool:
@@ -364,7 +368,12 @@ class Daemon:
         return f"serving {serving}/{len(statuses)} modems, {flows} flows"
 
     def dns_stats(self) -> dict[str, int]:
-        resolver = self.gateway.resolver  # the first modem's, as counters()
+        """Name lookups and cache hits, all modems together."""
+        each = [self.dns_stats_of(i) for i in range(len(self.gateways))]
+        return {key: sum(d[key] for d in each) for key in ("lookups", "cache_hits")}
+
+    def dns_stats_of(self, index: int) -> dict[str, int]:
+        resolver = self.gateways[index].resolver
         return {"lookups": resolver.lookups, "cache_hits": resolver.hits}
 
     def tun_status(self) -> dict[str, Any] | None:

@@ -34,6 +34,7 @@ from tunnel.daemon.lifecycle import Phase
 
 if TYPE_CHECKING:
     from tunnel.daemon.app import Daemon
+    from tunnel.daemon.lifecycle import Counters, Status
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +68,6 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         d = self.daemon
-        status = d.status()
-        counts = d.counters()
-        modem = os.path.basename(d.device) or d.device
-        m = [modem]
-
-        def gauge(name: str, doc: str, value: float, labels: tuple[str, ...] = ()) -> Metric:
-            family = GaugeMetricFamily(name, doc, labels=["modem", *labels])
-            family.add_metric(m, value)
-            return family
-
-        def counter(name: str, doc: str, value: int) -> Metric:
-            family = CounterMetricFamily(name, doc, labels=["modem"])
-            family.add_metric(m, value)
-            return family
-
         build = GaugeMetricFamily(
             "uc20_build_info", "Always 1: the daemon's version", labels=["version", "python"]
         )
@@ -90,88 +76,106 @@ class DaemonCollector(Collector):
         yield GaugeMetricFamily(
             "uc20_start_time_seconds", "When the daemon started (Unix time)", d.started_wall
         )
-        info = GaugeMetricFamily(
-            "uc20_modem_info", "Always 1: the modem's identity", labels=["modem", "device",
-                                                                         "model", "revision"]
-        )  # fmt: skip
+        # One sample per modem in each family (families in a fixed order, as before).
+        families: dict[str, Metric] = {}
+        several = len(d.modem_configs) > 1
+        for index, config in enumerate(d.modem_configs):
+            status = d.status_of(index)
+            name = config.name if several else (os.path.basename(d.device) or d.device)
+            self._modem(families, name, status, d.counters_of(index), d.dns_stats_of(index))
+        yield from families.values()
+        tun = d.tun_status()
+        if tun is not None:
+            yield from _tun_families(tun)
+
+    @staticmethod
+    def _modem(
+        families: dict[str, Metric],
+        modem: str,
+        status: "Status",
+        counts: "Counters",
+        dns: dict[str, int],
+    ) -> None:
+        def family(
+            kind: type[GaugeMetricFamily | CounterMetricFamily],
+            name: str,
+            doc: str,
+            labels: list[str],
+        ) -> GaugeMetricFamily | CounterMetricFamily:
+            if name not in families:
+                families[name] = kind(name, doc, labels=labels)
+            found = families[name]
+            assert isinstance(found, GaugeMetricFamily | CounterMetricFamily)
+            return found
+
+        def gauge(name: str, doc: str, value: float) -> None:
+            family(GaugeMetricFamily, name, doc, ["modem"]).add_metric([modem], value)
+
+        def counter(name: str, doc: str, value: int) -> None:
+            family(CounterMetricFamily, name, doc, ["modem"]).add_metric([modem], value)
+
+        info = family(GaugeMetricFamily, "uc20_modem_info", "Always 1: the modem's identity",
+                      ["modem", "device", "model", "revision"])  # fmt: skip
         info.add_metric([modem, status.device, status.model, status.revision], 1)
-        yield info
-        yield gauge("uc20_modem_up", "1 while the modem's port is open", status.modem_available)
+        gauge("uc20_modem_up", "1 while the modem's port is open", status.modem_available)
         serving = status.phase is Phase.SERVING
-        yield gauge("uc20_serving", "1 while flows are served (phase serving)", serving)
+        gauge("uc20_serving", "1 while flows are served (phase serving)", serving)
         # The context is brought up on the way into SERVING and is down in every other phase
         # (RECOVERING: dropped; STARTING after a RDY: gone with the reboot).
-        yield gauge("uc20_context_up", "1 while the PDP context is active", serving)
-        phase = GaugeMetricFamily(
-            "uc20_phase", "The lifecycle phase: 1 for the current one", labels=["modem", "phase"]
-        )
+        gauge("uc20_context_up", "1 while the PDP context is active", serving)
+        phase_doc = "The lifecycle phase: 1 for the current one"
+        phase = family(GaugeMetricFamily, "uc20_phase", phase_doc, ["modem", "phase"])
         for p in Phase:
             phase.add_metric([modem, p.name.lower()], float(p is status.phase))
-        yield phase
-        yield gauge("uc20_phase_seconds", "Seconds in the current phase", status.since)
+        gauge("uc20_phase_seconds", "Seconds in the current phase", status.since)
         registration = status.registration
-        yield gauge(
+        gauge(
             "uc20_registered",
             "1 when start-up found the modem registered (home or roaming)",
             registration in REGISTERED,
         )
         if registration is not None:
-            yield gauge(
+            gauge(
                 "uc20_registration_state",
                 "+CGREG <stat> at start-up: 0 not searching, 1 home, 2 searching, 3 denied, "
                 "4 unknown, 5 roaming",
                 registration,
             )
         if status.signal_dbm is not None:
-            yield gauge("uc20_signal_dbm", "Signal strength from AT+CSQ, dBm", status.signal_dbm)
-        yield gauge(
-            "uc20_consecutive_failures", "Failed restarts in a row", status.consecutive_failures
-        )
-        yield gauge(
+            gauge("uc20_signal_dbm", "Signal strength from AT+CSQ, dBm", status.signal_dbm)
+        gauge("uc20_consecutive_failures", "Failed restarts in a row", status.consecutive_failures)
+        gauge(
             "uc20_restart_backoff_seconds",
             "Seconds until the next restart attempt (0: not backing off)",
             max(status.next_restart_in or 0.0, 0.0),
         )
-        yield counter("uc20_restarts", "Modem restarts by the daemon", counts.restarts)
-        yield counter("uc20_sessions", "Times the modem's port was opened", counts.sessions)
-        yield counter("uc20_modem_reboots_seen", "RDY seen (the modem restarted)",
-                      counts.reboots_seen)  # fmt: skip
-        flows = GaugeMetricFamily(
-            "uc20_flows_open", "Modem connections with an owner", labels=["modem", "kind"]
-        )
+        counter("uc20_restarts", "Modem restarts by the daemon", counts.restarts)
+        counter("uc20_sessions", "Times the modem's port was opened", counts.sessions)
+        counter("uc20_modem_reboots_seen", "RDY seen (the modem restarted)", counts.reboots_seen)
+        flows = family(GaugeMetricFamily, "uc20_flows_open", "Modem connections with an owner",
+                       ["modem", "kind"])  # fmt: skip
         for kind in ("tcp", "udp"):
             flows.add_metric([modem, kind], sum(f.kind == kind for f in status.flows))
-        yield flows
-        yield counter("uc20_flows_opened", "Modem connections opened", counts.flows_opened)
-        yield counter("uc20_flows_reclaimed", "Idle flows closed to make room",
-                      counts.flows_reclaimed)  # fmt: skip
-        yield counter("uc20_flows_idle_closed", "Flows closed past idle_timeout",
-                      counts.flows_idle_closed)  # fmt: skip
-        yield counter("uc20_bytes_up", "Payload bytes taken by the modem from clients",
-                      counts.bytes_up)  # fmt: skip
-        yield counter("uc20_bytes_down", "Payload bytes from the modem handed to clients",
-                      counts.bytes_down)  # fmt: skip
-        yield counter("uc20_at_commands", "AT commands written", counts.commands)
-        yield counter("uc20_command_timeouts", "AT commands past the manual's limit",
-                      counts.timeouts)  # fmt: skip
-        yield counter("uc20_send_fail_retries", "SEND FAIL answers retried (buffer full)",
-                      counts.send_fail_retries)  # fmt: skip
-        yield counter("uc20_buffer_mode_switches", "Flows switched to buffer access mode",
-                      counts.buffer_switches)  # fmt: skip
-        yield counter("uc20_serial_bytes_in", "Bytes read from the serial port",
-                      counts.serial_bytes_in)  # fmt: skip
-        yield counter("uc20_serial_bytes_out", "Bytes written to the serial port",
-                      counts.serial_bytes_out)  # fmt: skip
-        yield counter("uc20_garbage_lines", "Unparsable lines from the modem",
-                      counts.garbage_lines)  # fmt: skip
-        dns = d.dns_stats()
-        yield counter("uc20_dns_lookups", "Name lookups sent to the modem (AT+QIDNSGIP)",
-                      dns["lookups"])  # fmt: skip
-        yield counter("uc20_dns_cache_hits", "Name lookups answered by the cache",
-                      dns["cache_hits"])  # fmt: skip
-        tun = d.tun_status()
-        if tun is not None:
-            yield from _tun_families(tun)
+        counter("uc20_flows_opened", "Modem connections opened", counts.flows_opened)
+        counter("uc20_flows_reclaimed", "Idle flows closed to make room", counts.flows_reclaimed)
+        counter("uc20_flows_idle_closed", "Flows closed past idle_timeout",
+                counts.flows_idle_closed)  # fmt: skip
+        counter("uc20_bytes_up", "Payload bytes taken by the modem from clients", counts.bytes_up)
+        counter("uc20_bytes_down", "Payload bytes from the modem handed to clients",
+                counts.bytes_down)  # fmt: skip
+        counter("uc20_at_commands", "AT commands written", counts.commands)
+        counter("uc20_command_timeouts", "AT commands past the manual's limit", counts.timeouts)
+        counter("uc20_send_fail_retries", "SEND FAIL answers retried (buffer full)",
+                counts.send_fail_retries)  # fmt: skip
+        counter("uc20_buffer_mode_switches", "Flows switched to buffer access mode",
+                counts.buffer_switches)  # fmt: skip
+        counter("uc20_serial_bytes_in", "Bytes read from the serial port", counts.serial_bytes_in)
+        counter("uc20_serial_bytes_out", "Bytes written to the serial port",
+                counts.serial_bytes_out)  # fmt: skip
+        counter("uc20_garbage_lines", "Unparsable lines from the modem", counts.garbage_lines)
+        counter("uc20_dns_lookups", "Name lookups sent to the modem (AT+QIDNSGIP)",
+                dns["lookups"])  # fmt: skip
+        counter("uc20_dns_cache_hits", "Name lookups answered by the cache", dns["cache_hits"])
 
 
 def _tun_families(tun: dict[str, object]) -> Iterator[Metric]:
