@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.e2e.harness import Tunnel, start_tunnel
 from tests.helpers import (
@@ -206,6 +207,9 @@ async def test_status_shows_the_listener_and_its_connections(nursery, echo_port)
         with trio.fail_after(20):
             stream = await remote_peer(port)
             assert await echo_through(stream, b"x" * 1000) == b"x" * 1000
+            # The remote can hold the echo before the daemon has read the SEND OK that counts
+            # it: let everything in this process (daemon, emulator) settle first.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
             answer = await request(t.daemon.settings.control, {"cmd": "status"})
             [fw] = answer["forwards"]
             assert fw["modem_port"] == port
