@@ -103,7 +103,7 @@ def test_daemon_on_a_real_modem_does_not_load_the_emulator() -> None:
     # The emulator (and trio.testing, 9.5 MiB) stays out of a daemon that never emulates: the
     # CLI's --help only reads the fault grammar.
     probe = (
-        "import sys; from tunnel.daemon import app, cli; cli._parser(); "
+        "import sys; from tunnel.daemon import app, cli; cli.build_parser(); "
         "print(sorted(m for m in sys.modules if m.startswith('tunnel.emulator.') "
         "or m == 'trio.testing'))"
     )

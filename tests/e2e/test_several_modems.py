@@ -274,3 +274,29 @@ async def test_metrics_have_a_series_per_modem(nursery) -> None:
     assert samples[("uc20_flows_opened_total", "m1")] == 0
     assert samples[("uc20_bytes_up_total", "m0")] == 15
     assert samples[("uc20_bytes_up_total", "m1")] == 0
+
+
+@pytest.mark.parametrize(
+    "readings",
+    [
+        (("cmee:2", "push-no-crlf"), ("cmee:1", "swtmd-held:queue", "qird-push:empty")),
+        (("swtmd-held:keep", "closed-send:accept"), ("swtmd-held:gradual", "qird-push:error")),
+    ],
+    ids=["errors-and-framing", "held-data"],
+)
+async def test_modems_reading_the_manual_differently_share_the_flows(nursery, readings) -> None:
+    """Two modems whose firmware reads the manual's loose points differently, side by side:
+    every flow exact on either. (Flows here read as they go; buffer access mode under each
+    reading is test_stalls' and test_manual_readings' part, one modem at a time.)"""
+    echo_port = await nursery.start(serve_tcp, echo_handler)
+    emulators = [
+        Emulator(ip_base=f"10.7.{157 + i}.1", faults=faults) for i, faults in enumerate(readings)
+    ]
+    modems = tuple(ModemConfig(f"m{i}", 1.0, {"device": f"emulator:{i}"}) for i in range(2))
+    async with start_tunnel(nursery, emulators=emulators, modems=modems) as t:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as flows:
+                for i in range(16):
+                    payload = lookalike_payload(96 * 1024 + i, 100 + i, NASTY)
+                    flows.start_soon(echo_through, t.socks_port, echo_port, payload)
+        assert all(dials(e, echo_port) >= 1 for e in emulators)

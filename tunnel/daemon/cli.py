@@ -23,7 +23,7 @@ from tunnel.daemon.secret_files import ENV_PASSWORD
 log = logging.getLogger("tunnel")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="uc20-tunnel",
         description="PPP-less network adapter: SOCKS5 and TUN over the UC20 TCP/IP stack.",
@@ -293,7 +293,7 @@ def _expected_failures(exc: BaseException) -> list[BaseException] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.command in ("status", "ping", "ntp", "resolve"):
         return _client(args)
     if args.command == "emulator":

@@ -641,7 +641,7 @@ def _modem_tables(tables: Any, path: Path, text: str) -> tuple[ModemConfig, ...]
 
 
 def _distinct(modems: list[ModemConfig]) -> None:
-    for what in ("name", "device"):
+    for what in ("device", "name"):
         seen: set[object] = set()
         for m in modems:
             value = m.name if what == "name" else m.values.get("device")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from tunnel.at import commands
 from tunnel.at.constants import MAX_APN_LEN, MAX_PASSWORD_LEN, MAX_USERNAME_LEN
-from tunnel.daemon import config
+from tunnel.daemon import cli, config
 from tunnel.daemon.config import SYSTEM_CONTROL, ConfigError, Settings
 from tunnel.daemon.secret_files import ENV_PASSWORD
 
@@ -150,7 +150,8 @@ def test_sim_pin_is_ascii_digits_only(tmp_path: Path, pin: str) -> None:
         load_text(tmp_path, f'apn = "internet"\nsim_pin = "{pin}"\n')
     message = str(info.value)
     assert re.search(r"config\.toml:2: sim_pin: must be 4-8 ASCII digits 0-9", message), message
-    assert pin not in message  # a PIN is never echoed
+    # A PIN is never echoed (the file's path is left out: pytest's tmp dirs are numbered).
+    assert pin not in message.partition("config.toml:")[2]
     assert load_text(tmp_path, 'sim_pin = "12345678"\n')["sim_pin"] == "12345678"
 
 
@@ -444,3 +445,67 @@ def test_forwards_leave_connections_to_outgoing_clients(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="forward_connections: 11 out of range 1-10"):
         load_text(tmp_path, "forward_connections = 11\n")
+
+
+# --- several modems ([[modem]] tables) --------------------------------------------------------
+
+
+def test_modem_tables_load_with_the_top_level_keys_as_defaults(tmp_path: Path) -> None:
+    values = load_text(
+        tmp_path,
+        'apn = "internet"\nbalance = "failover"\nhedge_after = 2\n'
+        '[[modem]]\nname = "a"\ndevice = "/dev/uc20-a"\n'
+        '[[modem]]\ndevice = "/dev/uc20-b"\napn = "other"\nweight = 2\n',
+    )
+    settings = config.build(values, {})
+    assert settings.balance == "failover"
+    assert settings.hedge_after == 2.0
+    modems = settings.per_modem()
+    assert [(m.name, m.weight) for m in modems] == [("a", 1.0), ("uc20-b", 2.0)]
+    assert [m.settings.apn for m in modems if m.settings] == ["internet", "other"]
+    assert [m.settings.device for m in modems if m.settings] == ["/dev/uc20-a", "/dev/uc20-b"]
+    # Without tables: the one modem, named after its device.
+    [only] = config.build({}, {"device": "/dev/uc20-at"}).per_modem()
+    assert (only.name, only.settings.device if only.settings else "") == ("uc20-at", "/dev/uc20-at")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('modem = "x"\n', r"expected \[\[modem\]\] tables"),
+        ("[[modem]]\nname = \"a\"\n", r"modem\[0\]: device is required"),
+        ('[[modem]]\ndevice = "/d/a"\nsocks_users_file = "u"\n',
+         r"modem\[0\]\.socks_users_file: not a per-modem key"),
+        ('[[modem]]\ndevice = "/d/a"\nname = "a b"\n', r"modem\[0\]\.name: 1-32 of"),
+        ('[[modem]]\ndevice = "/d/a"\nname = 7\n', r"modem\[0\]\.name: expected a string"),
+        ('[[modem]]\ndevice = "/d/a"\nweight = -1\n', r"modem\[0\]\.weight"),
+        ('[[modem]]\ndevice = "/d/a"\nweight = true\n', r"modem\[0\]\.weight"),
+        ('[[modem]]\ndevice = "/d/a"\nbaud = "fast"\n', r"modem\[0\]\.baud: expected an integer"),
+        ('[[modem]]\ndevice = "/d/a"\napn = "a\\"b"\n', r"modem\[0\]\.apn"),
+        ('[[modem]]\ndevice = "/d/a"\n[[modem]]\ndevice = "/d/a"\n', "two modems with device"),
+        ('[[modem]]\ndevice = "/d/a"\nname = "x"\n[[modem]]\ndevice = "/d/b"\nname = "x"\n',
+         "two modems with name 'x'"),
+        ('balance = "random"\n', "balance: 'random' is not one of"),
+        ("hedge_after = 0\n", "hedge_after: expected a positive number"),
+    ],
+)  # fmt: skip
+def test_bad_modem_tables_name_the_table_and_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        load_text(tmp_path, text)
+
+
+def test_repeated_devices_and_emulate_n_on_the_command_line() -> None:
+    def settings(*argv: str) -> Settings:
+        return cli.settings_from(cli.build_parser().parse_args(["run", "--config", "/dev/null",
+                                                                *argv]))  # fmt: skip
+
+    assert [m.name for m in settings("--device", "/dev/a", "--device", "/dev/b").per_modem()] == [
+        "a", "b"
+    ]  # fmt: skip
+    with pytest.raises(config.ConfigError, match="two modems with device"):
+        settings("--device", "/d/a", "--device", "/d/a")
+    emulated = settings("--emulate", "3")
+    assert [m.name for m in emulated.per_modem()] == ["emu1", "emu2", "emu3"]
+    for bad in ("0", "17", "x", "-1"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["run", "--emulate", bad])

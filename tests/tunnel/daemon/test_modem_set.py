@@ -15,9 +15,11 @@ class FakeFlow:
     def __init__(self, modem: str) -> None:
         self.modem = modem
         self.closed = False
+        self.was_closed = trio.Event()
 
     async def aclose(self) -> None:
         self.closed = True
+        self.was_closed.set()
 
 
 class FakeModem:
@@ -31,6 +33,7 @@ class FakeModem:
         self.delay = 0.0
         self.fail: DialFailure | None = None
         self.flows: list[FakeFlow] = []
+        self.opened = trio.Event()  # set at the first open that succeeds
         self.asked = 0
 
     def view(self, now: float) -> Candidate:
@@ -38,11 +41,12 @@ class FakeModem:
 
     async def open_tcp(self, host: str, port: int, *, client: str = "") -> FakeFlow:
         self.asked += 1
-        await trio.sleep(self.delay)
+        await trio.sleep(self.delay)  # the modem's answer time, in virtual time (autojump)
         if self.fail is not None:
             raise DialError(self.fail, f"{self.name} says {self.fail.value}")
         flow = FakeFlow(self.name)
         self.flows.append(flow)
+        self.opened.set()
         self.free -= 1
         return flow
 
@@ -134,7 +138,8 @@ async def test_an_open_with_no_answer_is_hedged_and_the_late_flow_closed(nursery
     assert trio.current_time() - started == pytest.approx(3.0)
     assert modems.hedges == 1
     # a's open completes later: its flow is closed, nobody holds it.
-    await trio.sleep(40)
+    await a.opened.wait()
+    await a.flows[0].was_closed.wait()
     assert len(a.flows) == 1
     assert a.flows[0].closed
     assert not flow.closed
@@ -159,7 +164,7 @@ async def test_connect_wait_applies_only_while_no_modem_serves(nursery, autojump
     assert trio.current_time() - started == pytest.approx(5.0)
 
     async def b_comes_back() -> None:
-        await trio.sleep(2)
+        await trio.sleep(2)  # virtual time: the modem serves again 2 s into the wait
         b.serving = True
         modems.changed("b", serving=True)
 
@@ -175,7 +180,8 @@ async def test_a_client_that_gives_up_leaves_no_flow_behind(nursery, autojump_cl
     modems = await start_set(nursery, a)
     with trio.move_on_after(1):
         await modems.open_tcp("h.test", 1)
-    await trio.sleep(20)
+    await a.opened.wait()
+    await a.flows[0].was_closed.wait()
     assert len(a.flows) == 1
     assert a.flows[0].closed
 
