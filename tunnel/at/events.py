@@ -72,11 +72,16 @@ class ReadData(Event):
 
 @dataclass(frozen=True, slots=True)
 class Recv(Event):
-    """Direct push data: `+QIURC: "recv",<id>,<len>[,<ip>,<port>]` and its `<len>` bytes."""
+    """Direct push data: `+QIURC: "recv",<id>,<len>[,<ip>,<port>]` and its `<len>` bytes.
+
+    Consecutive frames for one connectID that arrived together come as one event (the download
+    hot path): `data` is their payloads in order and `sizes` says where each frame ended, for an
+    owner to whom frames are datagrams. None: one frame."""
 
     connect_id: int
     data: bytes
     remote: tuple[str, int] | None = None
+    sizes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

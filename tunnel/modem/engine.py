@@ -19,6 +19,7 @@ import trio
 
 from tunnel.at import commands as at
 from tunnel.at.commands import Command
+from tunnel.at.constants import MAX_SEND_LEN
 from tunnel.at.errors import (
     CommandError,
     CommandTimeout,
@@ -51,10 +52,14 @@ log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 T = TypeVar("T")
 READ_SIZE = 65536
+# A tty read this long filled the line discipline's buffer (n_tty: 4096): read on (Modem._read).
+TTY_FULL_READ = 4000
 # A length-framed payload (push frame, QIRD answer) comes back to back at line rate; a pause this
 # long inside one means the modem stopped mid-frame (a brownout reboot) — see frame_timeout().
 FRAME_TIMEOUT_FLOOR = 0.5
 FRAME_TIMEOUT_BYTE_TIMES = 2000
+# A chained command's deadline may run this fraction of its limit late, never early (_chain_next).
+DEADLINE_SLACK = 0.001
 
 
 def frame_timeout(baud: int | None) -> float:
@@ -128,22 +133,57 @@ class Response:
 Follow = Callable[[Response], Command | None]
 
 
+class _Burst:
+    """One flow's bytes on their way out as consecutive AT+QISEND exchanges (Modem.send_burst).
+
+    `taken` counts the bytes the modem answered SEND OK for; the serial reader moves it and, when
+    that is fair, writes the next chunk's command itself (see Modem._on_final)."""
+
+    __slots__ = ("connect_id", "data", "full", "remote", "taken")
+
+    def __init__(self, connect_id: int, data: bytes, remote: tuple[str, int] | None) -> None:
+        self.connect_id = connect_id
+        self.data = memoryview(data)  # chunks are views: no copy per QISEND
+        self.remote = remote
+        self.taken = 0
+        # The command of a full-size chunk, built once: every chunk but the last is one.
+        self.full = (
+            at.qisend(connect_id, MAX_SEND_LEN, remote) if len(data) > MAX_SEND_LEN else None
+        )
+
+    def next_step(self) -> tuple[Command, memoryview] | None:
+        """The next chunk and its command; None when every byte was taken."""
+        start = self.taken
+        rest = len(self.data) - start
+        if rest <= 0:
+            return None
+        if rest > MAX_SEND_LEN and self.full is not None:
+            return self.full, self.data[start : start + MAX_SEND_LEN]
+        return at.qisend(self.connect_id, rest, self.remote), self.data[start:]
+
+
 class _Pending:
     __slots__ = (
-        "command", "data", "done", "final", "follow", "next", "prompt", "response", "unwritten",
-        "written",
+        "burst", "command", "data", "done", "final", "follow", "next", "prompt", "response",
+        "unwritten", "written",
     )  # fmt: skip
 
     def __init__(
-        self, command: Command, data: bytes | None = None, follow: Follow | None = None
+        self,
+        command: Command,
+        data: bytes | memoryview | None = None,
+        follow: Follow | None = None,
+        burst: _Burst | None = None,
+        done: trio.Event | None = None,
     ) -> None:
         self.command = command
         self.data = data  # QISEND payload, written when the prompt comes
+        self.burst = burst  # the burst this QISEND is a chunk of
         self.written = 0
         self.response = Response()
         self.final: Event | ModemError | None = None
         self.prompt = False
-        self.done = trio.Event()
+        self.done = trio.Event() if done is None else done  # a chain shares its first's
         self.follow = follow
         self.next: Command | None = None  # what `follow` asked for after this one's OK
         self.unwritten = b""  # a chained command line the reader could not write whole
@@ -170,6 +210,7 @@ class Modem:
         self._fd = stream.fileno() if isinstance(stream, trio.lowlevel.FdStream) else -1
         self._parser = ATParser()
         self._lock = trio.Lock()
+        self._lock_waiters = 0  # tasks parked in _acquire: the reader chains only while 0
         self._pending: _Pending | None = None
         self._limit: trio.CancelScope | None = None  # the command in flight's deadline
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
@@ -237,7 +278,8 @@ class Modem:
 
         Read from its deadline (the limit minus the time left), so the hot path keeps no clock
         of its own for it. A modem that stops answering shows here long before the manual's
-        limit declares it hung; several modems use it to stop handing it new flows."""
+        limit declares it hung; several modems use it to stop handing it new flows. A chained
+        command may read up to DEADLINE_SLACK of its limit short (the deadline ran late)."""
         limit, pending = self._limit, self._pending
         if limit is None or pending is None:
             return 0.0
@@ -331,6 +373,44 @@ class Modem:
             self._lock.release()
         self._result(pending)
 
+    async def send_burst(
+        self, connect_id: int, data: bytes, remote: tuple[str, int] | None = None
+    ) -> int:
+        """Send `data` (any length) as consecutive AT+QISEND exchanges of at most MAX_SEND_LEN
+        bytes each; return how many bytes the modem took.
+
+        The point is the turnaround, as for `chain`: while nobody else waits for the command
+        lock, the serial reader writes the next chunk's AT+QISEND the moment SEND OK for the
+        previous one arrives (and its payload at the prompt), so a 64 KiB burst wakes this task
+        once instead of 45 times. When another task waits, the lock is released between chunks:
+        other flows' sends, QIOPEN and reads interleave chunk by chunk, as with `send_data`.
+        The manual's one command in flight still holds: each QISEND follows the previous SEND OK.
+
+        Fewer bytes than `data` when SEND FAIL (2.7: the buffer is full) stopped it after some
+        were taken: the caller retries the rest later. SendBufferFull when it took none; raises
+        as `command` does otherwise (how much of the chunk in flight arrived is unknown then).
+        """
+        if not data:
+            await trio.lowlevel.checkpoint()
+            return 0
+        burst = _Burst(connect_id, data, remote)
+        while (step := burst.next_step()) is not None:
+            cmd, chunk = step
+            await self._acquire()
+            try:
+                with trio.CancelScope(shield=True):
+                    pending = await self._exchange(cmd, chunk, burst=burst)
+                    await self._explain_error(pending)
+            finally:
+                self._lock.release()
+            try:
+                self._result(pending)
+            except SendBufferFull:
+                if burst.taken:
+                    return burst.taken
+                raise
+        return burst.taken
+
     async def _acquire(self) -> None:
         """The command lock, without a scheduling round when nobody holds it.
 
@@ -342,7 +422,13 @@ class Modem:
         try:
             self._lock.acquire_nowait()
         except trio.WouldBlock:
-            await self._lock.acquire()
+            # Counted here rather than read from Lock.statistics(), which builds an object per
+            # call: the reader asks after every chained answer.
+            self._lock_waiters += 1
+            try:
+                await self._lock.acquire()
+            finally:
+                self._lock_waiters -= 1
 
     async def _explain_error(self, pending: _Pending) -> None:
         """2.15: a bare ERROR's reason is behind AT+QIGETERROR, asked at once (lock still held)
@@ -354,10 +440,14 @@ class Modem:
             raise CommandError(cmd.name, code, text)
 
     async def _exchange(
-        self, cmd: Command, data: bytes | None = None, follow: Follow | None = None
+        self,
+        cmd: Command,
+        data: bytes | memoryview | None = None,
+        follow: Follow | None = None,
+        burst: _Burst | None = None,
     ) -> _Pending:
-        """Write `cmd` and wait for its final result; with `follow`, the reader may chain
-        further commands (see `chain`): the last one's pending is returned."""
+        """Write `cmd` and wait for its final result; with `follow` or `burst`, the reader may
+        chain further commands (see `chain`, `send_burst`): the last one's pending is returned."""
         if self._gone is not None or (cmd.hang_signal and self.unresponsive.is_set()):
             # Failing without touching the modem must still yield (`_acquire` may not have):
             # a caller retrying in a loop would otherwise starve every other task.
@@ -367,7 +457,7 @@ class Modem:
             # Known hung: fail at once instead of another full timeout; only the supervisor's
             # own commands (reboot, probes: hang_signal=False) still go to the modem.
             raise CommandTimeout(cmd.name, 0)
-        pending = _Pending(cmd, data, follow)
+        pending = _Pending(cmd, data, follow, burst)
         self._pending = pending
         self._parser.command_sent(cmd.expect)
         self.stats.commands += 1
@@ -377,20 +467,29 @@ class Modem:
             with trio.CancelScope(deadline=trio.current_time() + cmd.timeout) as limit:
                 self._limit = limit
                 await self._write(cmd.line + b"\r")
-                await pending.done.wait()
-                if data is not None and pending.prompt and pending.final is None:
-                    # The reader could not hand all of it to the tty at the prompt.
-                    pending.done = trio.Event()
-                    await self._write(data[pending.written :])
-                    log.debug("at > data len=%d", len(data))
-                    if pending.final is None:
-                        await pending.done.wait()
-                while (current := self._pending) is not None and current.unwritten:
-                    # A chained line the tty did not take whole: the rest goes from here.
-                    current.done = trio.Event()
-                    rest, current.unwritten = current.unwritten, b""
-                    await self._write(rest)
+                current = pending
+                while True:
                     await current.done.wait()
+                    # The reader may have chained further commands onto this one meanwhile.
+                    current = self._pending or current
+                    if current.final is not None:
+                        break
+                    current.done = trio.Event()
+                    if current.unwritten:
+                        # A chained line the tty did not take whole: the rest goes from here.
+                        rest, current.unwritten = current.unwritten, b""
+                        await self._write(rest)
+                    elif (
+                        current.prompt
+                        and current.data is not None
+                        and current.written < len(current.data)
+                    ):
+                        # The reader could not hand all of the payload to the port at the
+                        # prompt (a full tty, or a socket:// stream it does not write to).
+                        payload = current.data[current.written :]
+                        current.written = len(current.data)
+                        await self._write(payload)
+                        log.debug("at > data len=%d", len(current.data))
             if limit.cancelled_caught:
                 raise trio.TooSlowError
         except trio.TooSlowError:
@@ -407,7 +506,7 @@ class Modem:
             self._parser.command_ended()
         return last
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | memoryview) -> None:
         # Hot path (two writes per 1460-byte QISEND): on a tty, try one non-blocking write
         # first; only what the kernel did not take goes through the stream (and the scheduler).
         # Safe: every write happens under the command lock.
@@ -422,7 +521,7 @@ class Modem:
             raise ModemGone(f"port write failed: {exc}") from exc
         self.stats.bytes_out += len(data)
 
-    async def _write_stream(self, data: bytes) -> None:
+    async def _write_stream(self, data: bytes | memoryview) -> None:
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -507,6 +606,7 @@ class Modem:
             data = self._read_now()
             if data:
                 self.stats.bytes_in += len(data)
+                self.read_time = trio.current_time()
                 parser.receive_data(data)
             else:
                 parser.silence()
@@ -522,9 +622,29 @@ class Modem:
         # takes two (a checkpoint, then the wait).
         await trio.lowlevel.wait_readable(fd)
         try:
-            return os.read(fd, READ_SIZE)
+            data = os.read(fd, READ_SIZE)
         except BlockingIOError:
             return None
+        if len(data) < TTY_FULL_READ:
+            return data
+        # A tty hands over at most its line discipline's buffer per read (4 KiB for n_tty): a
+        # full one means more is waiting, so take it now, up to READ_SIZE, instead of one
+        # scheduling round per 4 KiB of a download. Small reads (a line rate slower than us)
+        # never pay for the extra read.
+        parts = [data]
+        size = len(data)
+        while size < READ_SIZE:
+            try:
+                more = os.read(fd, READ_SIZE - size)
+            except OSError:
+                break  # EAGAIN; an error or EOF comes again on the next read
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+            if len(more) < TTY_FULL_READ:
+                break
+        return b"".join(parts) if len(parts) > 1 else data
 
     def _read_now(self) -> bytes | None:
         """After a silent wait: bytes that arrived while this task waited to be scheduled (a busy
@@ -566,8 +686,15 @@ class Modem:
             log.debug("stray final result event=%s", event)
             return
         pending.final = event
-        self.last_answer = trio.current_time()
-        if pending.follow is not None and type(event) is FinalOK:
+        self.last_answer = self.read_time
+        burst = pending.burst
+        if burst is not None and type(event) is SendOK:
+            assert pending.data is not None
+            burst.taken += len(pending.data)
+            step = burst.next_step()
+            if step is not None and self._chain_next(pending, step[0], step[1]):
+                return  # the sender sleeps on: its burst goes on
+        elif pending.follow is not None and type(event) is FinalOK:
             try:
                 pending.next = pending.follow(pending.response)
             except Exception:
@@ -578,12 +705,15 @@ class Modem:
                 return  # the caller sleeps on: its chain goes on
         pending.done.set()
 
-    def _chain_next(self, pending: _Pending, cmd: Command) -> bool:
-        """Write `cmd` from the reader as the next command of `pending`'s chain, when that is
-        fair (nobody else waits for the lock) and possible (a tty that takes the line now)."""
+    def _chain_next(
+        self, pending: _Pending, cmd: Command, data: bytes | memoryview | None = None
+    ) -> bool:
+        """Write `cmd` from the reader as the next command of `pending`'s chain (with `data`,
+        the next chunk of its burst), when that is fair (nobody else waits for the lock) and
+        possible (a tty that takes the line now)."""
         if (
             self._fd < 0
-            or self._lock.statistics().tasks_waiting
+            or self._lock_waiters
             or self._limit is None
             or (cmd.hang_signal and self.unresponsive.is_set())
         ):
@@ -593,14 +723,18 @@ class Modem:
             written = os.write(self._fd, line)
         except OSError:
             return False  # the caller writes it (and sees the error) instead
-        nxt = _Pending(cmd, None, pending.follow)
-        nxt.done = pending.done
+        nxt = _Pending(cmd, data, pending.follow, pending.burst, pending.done)
         nxt.unwritten = line[written:]
         pending.next = None  # taken over by the chain
         self._pending = nxt
         self._parser.command_ended()
         self._parser.command_sent(cmd.expect)
-        self._limit.deadline = trio.current_time() + cmd.timeout
+        # Each chained command gets at least its own limit from now. Moving a trio deadline
+        # costs a heap push, so it moves only when short of that, and then a little further
+        # (DEADLINE_SLACK of the limit: 60 ms of a 60 s QISEND): one push per that much chain.
+        want = self.read_time + cmd.timeout
+        if self._limit.deadline < want:
+            self._limit.deadline = want + cmd.timeout * DEADLINE_SLACK
         self.stats.commands += 1
         self.stats.bytes_out += written
         if nxt.unwritten:

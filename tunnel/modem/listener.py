@@ -56,6 +56,8 @@ class ModemListener:
     """The owner of a listening connectID (satisfies pool.FlowOwner). `accept()` gives the
     accepted connections in the order the module reported them."""
 
+    byte_stream = False
+
     def __init__(
         self, pool: SocketPool, slot: Slot, local_port: int, *, rx_buffer: int = RX_BUFFER
     ) -> None:

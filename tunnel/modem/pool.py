@@ -68,6 +68,10 @@ class FlowOwner(Protocol):
     The `on_*` hooks are called by the serial reader and must never block.
     """
 
+    # True for a byte stream (TCP): consecutive push frames may come as one `on_push`. False:
+    # each frame is a message of its own (a datagram) and gets its own call.
+    byte_stream: bool
+
     def on_push(self, data: bytes, remote: tuple[str, int] | None) -> None:
         """A push frame's payload (`+QIURC: "recv",<id>,<len>[,<ip>,<port>]`)."""
 
@@ -407,6 +411,13 @@ class SocketPool:
         owner = self._owner(event.connect_id)
         if owner is None:
             log.warning("push data for no flow id=%d len=%d", event.connect_id, len(event.data))
+            return
+        sizes = event.sizes
+        if sizes is not None and not owner.byte_stream:
+            data, start = event.data, 0
+            for size in sizes:  # frames merged by the parser: one message each
+                owner.on_push(data[start : start + size], event.remote)
+                start += size
             return
         owner.on_push(event.data, event.remote)
 

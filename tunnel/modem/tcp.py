@@ -69,7 +69,9 @@ async def open_tcp(
 
 
 class ModemSocket(trio.abc.HalfCloseableStream):
-    """One TCP connection through the modem. Satisfies tunnel.sockets.FlowOwner."""
+    """One TCP connection through the modem. Satisfies pool.FlowOwner."""
+
+    byte_stream = True  # TCP: push frames are just the next bytes
 
     def __init__(
         self,
@@ -298,13 +300,16 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()  # else the modem command is our checkpoint
             if self._closed or self._write_closed:
                 raise trio.ClosedResourceError("socket was closed for sending")
-            view = memoryview(data)
-            for start in range(0, len(view), MAX_SEND_LEN):
-                await self._send_chunk(bytes(view[start : start + MAX_SEND_LEN]))
+            data = bytes(data)
+            start = 0
+            while start < len(data):
+                start += await self._send_burst(data[start:] if start else data)
         finally:
             self._sending = False
 
-    async def _send_chunk(self, chunk: bytes) -> None:
+    async def _send_burst(self, data: bytes) -> int:
+        """Hand `data` to the modem as one burst of QISENDs (Modem.send_burst); how many of its
+        bytes the modem took (at least one), retrying while SEND FAIL says its buffer is full."""
         modem = self._pool.modem
         pause, longest = SEND_FAIL_BACKOFF
         deadline = trio.current_time() + SEND_FAIL_LIMIT
@@ -317,7 +322,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 why = self._idle_closed or "connection no longer open in the modem"
                 raise trio.BrokenResourceError(why)
             try:
-                await modem.send_data(self.connect_id, chunk)
+                taken = await modem.send_burst(self.connect_id, data)
             except SendBufferFull:
                 # 2.7: SEND FAIL means the buffer is full; the same bytes go again later.
                 self._pool.send_fail_retries += 1
@@ -327,7 +332,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 log.debug(
                     "send fail, retrying id=%d len=%d pause=%.2f",
                     self.connect_id,
-                    len(chunk),
+                    min(len(data), MAX_SEND_LEN),
                     pause,
                 )
                 await trio.sleep(pause)
@@ -336,9 +341,9 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             except ModemError as exc:
                 self._break(f"send failed: {exc}")
                 raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            self.bytes_sent += len(chunk)
+            self.bytes_sent += taken
             self.last_active = trio.current_time()
-            return
+            return taken
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed or self._write_closed:

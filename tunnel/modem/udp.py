@@ -47,7 +47,9 @@ async def open_udp(pool: SocketPool, slot: Slot | None = None) -> "ModemUdpFlow"
 
 
 class ModemUdpFlow:
-    """Satisfies uplink.UdpFlow and tunnel.sockets.FlowOwner."""
+    """Satisfies uplink.UdpFlow and pool.FlowOwner."""
+
+    byte_stream = False  # every push frame is a datagram of its own
 
     def __init__(self, pool: SocketPool, slot: Slot, local_port: int) -> None:
         self._pool = pool

@@ -177,6 +177,78 @@ def test_push_any_split(cuts: list[int]) -> None:
     assert run(split(PUSH, cuts)) == PUSH_EVENTS
 
 
+def frames_of(events: list[Event]) -> list[tuple[int, bytes]]:
+    """Every push frame an event list carries, (connectID, payload), merged ones split back."""
+    out = []
+    for e in events:
+        if isinstance(e, Recv):
+            start = 0
+            for size in e.sizes or (len(e.data),):
+                out.append((e.connect_id, e.data[start : start + size]))
+                start += size
+            assert start == len(e.data)
+    return out
+
+
+def push_frame(cid: int, payload: bytes) -> bytes:
+    return b'\r\n+QIURC: "recv",%d,%d\r\n' % (cid, len(payload)) + payload + b"\r\n"
+
+
+def test_frames_of_one_connection_read_together_come_as_one_event() -> None:
+    data = (
+        push_frame(3, b"one")
+        + push_frame(3, NASTY)
+        + push_frame(3, b"")
+        + push_frame(3, b"four")
+        + push_frame(5, b"other")
+        + push_frame(3, b"six")
+        + b'\r\n+QIURC: "closed",3\r\n'
+        + push_frame(3, b"after")
+        + b'\r\n+QIURC: "recv",3,3,"10.7.76.34",7687\r\nudp'
+        + push_frame(3, b"last")
+    )
+    assert run([data]) == [
+        Recv(3, b"one" + NASTY + b"four", None, (3, len(NASTY), 0, 4)),
+        Recv(5, b"other"),
+        Recv(3, b"six"),
+        SocketClosed(3),
+        Recv(3, b"after"),
+        Recv(3, b"udp", ("10.7.76.34", 7687)),  # a sender's address: never merged
+        Recv(3, b"last"),
+    ]
+
+
+def test_a_frame_not_all_here_is_not_merged_and_comes_next() -> None:
+    first, second = push_frame(0, b"abc"), push_frame(0, b"defgh")
+    p = ATParser()
+    p.receive_data(first + second[:-4])
+    assert p.next_event() == Recv(0, b"abc")
+    assert p.next_event() is NEED_DATA
+    p.receive_data(second[-4:])
+    assert p.next_event() == Recv(0, b"defgh")
+
+
+def test_merging_stops_at_the_limit() -> None:
+    from tunnel.at.parser import MERGE_LIMIT
+
+    count = MERGE_LIMIT // 1460 + 3
+    out = run([b"".join(push_frame(1, bytes([i]) * 1460) for i in range(count))])
+    assert all(len(e.data) < MERGE_LIMIT + 1460 for e in out if isinstance(e, Recv))
+    assert len(out) == 2
+    assert frames_of(out) == [(1, bytes([i]) * 1460) for i in range(count)]
+
+
+@given(
+    st.lists(st.tuples(st.sampled_from([0, 1, 11]), st.binary(max_size=40)), max_size=12),
+    st.lists(st.integers(0, 2000)),
+)
+def test_merged_or_not_every_frame_comes_out_once_in_order(frames, cuts) -> None:
+    # NASTY inside payloads, any cut of the stream: merging never moves, drops or joins a frame.
+    frames = [(cid, payload + NASTY[: len(payload) % 7]) for cid, payload in frames]
+    data = b"".join(push_frame(cid, payload) for cid, payload in frames)
+    assert frames_of(run(split(data, cuts))) == frames
+
+
 def test_push_payload_starting_with_crlf_and_gt() -> None:
     payload = b"\r\n> \r\n"
     data = b'\r\n+QIURC: "recv",4,6\r\n' + payload + b"\r\n\r\n> "

@@ -384,3 +384,134 @@ async def test_waiting_for_tells_how_long_the_command_in_flight_waits(pair) -> N
         assert modem.waiting_for(started + 2.5) == pytest.approx(2.5, abs=0.05)
         await peer.send(b"\r\nOK\r\n")
     assert modem.waiting_for(trio.current_time() + 100) == 0.0
+
+
+def burst_payload(size: int) -> bytes:
+    """`size` bytes made of NASTY (AT framing, a prompt, Ctrl-Z, NUL) with a counter mixed in,
+    so a chunk sent twice, dropped or out of order cannot go unnoticed."""
+    out = bytearray()
+    n = 0
+    while len(out) < size:
+        out += NASTY + b"%d" % n
+        n += 1
+    return bytes(out[:size])
+
+
+async def expect_burst(peer: Peer, cid: int, data: bytes, fail_at: int | None = None) -> int:
+    """Play the modem for a burst: every chunk's exact command and bytes; SEND FAIL for chunk
+    `fail_at` (nothing of it taken). Returns the bytes the script answered SEND OK for."""
+    taken = 0
+    for index, start in enumerate(range(0, len(data), 1460)):
+        chunk = data[start : start + 1460]
+        await peer.expect(b"AT+QISEND=%d,%d\r" % (cid, len(chunk)))
+        await peer.send(b"\r\n> ")
+        await peer.expect(chunk)
+        if index == fail_at:
+            await peer.send(b"\r\nSEND FAIL\r\n")
+            return taken
+        await peer.send(b"\r\nSEND OK\r\n")
+        taken += len(chunk)
+    return taken
+
+
+@pytest.mark.parametrize("size", [1, 1460, 1461, 5 * 1460 + 7])
+async def test_a_burst_sends_every_byte_once_in_order(pty_pair, caplog, size) -> None:
+    caplog.set_level(logging.DEBUG, logger="tunnel.modem.engine")
+    modem, peer = pty_pair
+    data = burst_payload(size)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(expect_burst, peer, 1, data)
+            taken = await modem.send_burst(1, data)
+    assert taken == size
+    chunks = -(-size // 1460)
+    assert modem.stats.commands == chunks
+    # Every command after the first was written by the serial reader at the SEND OK.
+    assert caplog.text.count("(chained)") == chunks - 1
+
+
+async def test_a_burst_stops_at_send_fail_and_says_how_much_was_taken(pty_pair) -> None:
+    modem, peer = pty_pair
+    data = burst_payload(4 * 1460)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(expect_burst, peer, 0, data, 2)  # the third chunk fails
+            taken = await modem.send_burst(0, data)
+        assert taken == 2 * 1460
+        async with trio.open_nursery() as nursery:
+            # Nothing taken at all: SendBufferFull, and the same bytes can go again.
+            nursery.start_soon(expect_burst, peer, 0, data[taken:], 0)
+            with pytest.raises(SendBufferFull):
+                await modem.send_burst(0, data[taken:])
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(expect_burst, peer, 0, data[taken:])
+            assert await modem.send_burst(0, data[taken:]) == 2 * 1460
+
+
+async def test_a_burst_lets_a_waiting_command_in_after_the_next_send_ok(pty_pair) -> None:
+    """Fairness: a burst hands the lock over between chunks as soon as somebody waits (the
+    script's expects are the check: AT+CSQ must come right after that SEND OK)."""
+    modem, peer = pty_pair
+    data = burst_payload(6 * 1460)
+    other_waiting = trio.Event()
+    other_done = trio.Event()
+
+    async def other() -> None:
+        other_waiting.set()
+        await modem.command(at.csq())
+        other_done.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QISEND=0,1460\r")
+                await peer.send(b"\r\n> ")
+                await peer.expect(data[:1460])
+                await peer.send(b"\r\nSEND OK\r\n")
+                await peer.expect(b"AT+QISEND=0,1460\r")  # chained by the reader
+                nursery.start_soon(other)
+                await other_waiting.wait()
+                await trio.testing.wait_all_tasks_blocked()
+                await peer.send(b"\r\n> ")
+                await peer.expect(data[1460:2920])
+                await peer.send(b"\r\nSEND OK\r\n")
+                await peer.expect(b"AT+CSQ\r")  # the waiting command goes next
+                await peer.send(b"\r\n+CSQ: 9,99\r\n\r\nOK\r\n")
+                await other_done.wait()
+                await expect_burst(peer, 0, data[2920:])
+
+            nursery.start_soon(script)
+            assert await modem.send_burst(0, data) == len(data)
+
+
+async def test_a_burst_over_a_socket_stream_is_written_by_the_sender(pair) -> None:
+    """No fd (socket://): the reader writes nothing itself; the sender writes every line and
+    payload, chunk by chunk, and the bytes are the same."""
+    modem, peer = pair
+    data = burst_payload(3 * 1460 + 1)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(expect_burst, peer, 4, data)
+            assert await modem.send_burst(4, data) == len(data)
+    assert modem.stats.bytes_out == len(data) + 3 * len(b"AT+QISEND=4,1460\r") + len(
+        b"AT+QISEND=4,1\r"
+    )
+
+
+async def test_a_chained_burst_chunk_past_its_limit_times_out(pty_pair, autojump_clock) -> None:
+    modem, peer = pty_pair
+    data = burst_payload(2 * 1460)
+    async with trio.open_nursery() as nursery:
+
+        async def script() -> None:
+            await peer.expect(b"AT+QISEND=0,1460\r")
+            await peer.send(b"\r\n> ")
+            await peer.expect(data[:1460])
+            await peer.send(b"\r\nSEND OK\r\n")
+            await peer.expect(b"AT+QISEND=0,1460\r")  # and never a prompt
+
+        nursery.start_soon(script)
+        with pytest.raises(CommandTimeout):
+            await modem.send_burst(0, data)
+    assert modem.unresponsive.is_set()

@@ -226,3 +226,20 @@ async def test_an_idle_accepted_flow_is_closed_like_any_other_but_never_the_list
             await close_expecting(peer, listener, 0)
         await far.aclose()
         await modem.closed.wait()
+
+
+async def test_frames_merged_by_the_parser_reach_a_message_owner_one_by_one(line, caplog) -> None:
+    """The parser hands consecutive frames of one id over as one Recv; an owner whose frames
+    are messages (not a byte stream) still gets one call per frame, each with its own bytes."""
+    _modem, pool, peer = line
+    listener = await listen(pool, peer)
+    with trio.fail_after(5):
+        await peer.send(push(b"a", 0) + push(NASTY, 0) + push(b"ccc", 0))
+        await trio.testing.wait_all_tasks_blocked()
+    dropped = [r.getMessage() for r in caplog.records if "data on a listener" in r.getMessage()]
+    assert dropped == [
+        "data on a listener id=0 len=1: dropped",
+        f"data on a listener id=0 len={len(NASTY)}: dropped",
+        "data on a listener id=0 len=3: dropped",
+    ]
+    await close_expecting(peer, listener, 0)
