@@ -127,7 +127,7 @@ class Settings:
     # Defaults as in tunnel/tun/settings.py (not imported: it would pull in pyroute2).
     tun_address: str = "10.119.73.1"
     tun_peer: str = "10.119.73.2"
-    tun_mtu: int = 9000
+    tun_mtu: int = 65535
     tun_dns: bool = True
     tun_udp_flows: int = 4
     tun_udp_idle: float = 60.0

@@ -9,10 +9,12 @@ from typing import Any, Final
 # carrier's CGNAT range too), nor the RFC 2544 range the emulator's test convention routes.
 DEFAULT_ADDRESS: Final = "10.119.73.1"
 DEFAULT_PEER: Final = "10.119.73.2"
-# TCP ends at our listener, so the MTU only sets how many packets the daemon handles per MB;
-# 9000 (sing-box's and clash's choice) divides that by 6 against 1500. UDP is bounded by the
-# modem's 1460-byte datagrams whatever the MTU is.
-DEFAULT_MTU: Final = 9000
+# TCP ends at our listener, so the MTU only sets how many packets the daemon handles per MB
+# (each one read, rewritten and written back in Python): the largest IPv4 packet, as for
+# loopback. 9000 (sing-box's and clash's choice) cost TUN downloads 0.026 CPU-s/MB against
+# 0.019-0.023 at 65535 (bench/tun.py, paired, 2026-12-02). A LAN client's own MSS still caps
+# its segments; UDP is bounded by the modem's 1460-byte datagrams whatever the MTU is.
+DEFAULT_MTU: Final = 65535
 DEFAULT_UDP_FLOWS: Final = 4  # modem connectIDs UDP may hold of the 12 shared with TCP
 DEFAULT_UDP_IDLE: Final = 60.0  # seconds; conntrack's unreplied UDP timeout is 30, stream 120
 MTU_RANGE: Final = range(576, 65536)  # RFC 791: every host takes 576-byte datagrams

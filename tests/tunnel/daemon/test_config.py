@@ -509,3 +509,15 @@ def test_repeated_devices_and_emulate_n_on_the_command_line() -> None:
     for bad in ("0", "17", "x", "-1"):
         with pytest.raises(SystemExit):
             cli.build_parser().parse_args(["run", "--emulate", bad])
+
+
+def test_config_tun_defaults_are_the_tun_fronts_own() -> None:
+    # config.py spells them out (importing tunnel.tun would pull in pyroute2): they must agree.
+    from tunnel.daemon.config import Settings
+    from tunnel.tun import settings
+
+    config = Settings()
+    assert config.tun_mtu == settings.DEFAULT_MTU
+    assert config.tun_address == settings.DEFAULT_ADDRESS
+    assert config.tun_peer == settings.DEFAULT_PEER
+    assert config.tun_udp_flows == settings.DEFAULT_UDP_FLOWS

@@ -56,7 +56,7 @@ def closed_port() -> int:
 async def test_interface_is_configured(front: TunFront, netns: str) -> None:
     addr = ip("-4", "addr", "show", "dev", "uc0", netns=netns).stdout
     assert "inet 10.119.73.1 peer 10.119.73.2/32" in addr
-    assert "mtu 9000" in ip("link", "show", "uc0", netns=netns).stdout
+    assert "mtu 65535" in ip("link", "show", "uc0", netns=netns).stdout
     routes = ip("route", "show", "dev", "uc0", netns=netns).stdout
     assert "198.18.0.0/15" in routes
     assert "192.0.2.0/24" in routes
