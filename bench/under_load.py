@@ -3,9 +3,10 @@
     .venv/bin/python bench/under_load.py [--baud 921600] [--uploads 2] [--connects 40]
                                           [--rounds 3] [--baseline PATH]
 
-`--uploads` curl PUTs (of 3 s of line time each; 8 MiB unthrottled) run back to back through the daemon for the whole measurement;
-meanwhile sequential SOCKS5 CONNECTs (to a loopback listener, by IPv4 literal) are timed from
-the request sent to the success reply read, each closed before the next. The median and p95 of
+`--uploads` curl PUTs (3 s of line time each; 8 MiB unthrottled) run back to back through the
+daemon for the whole measurement; meanwhile sequential SOCKS5 CONNECTs (to a loopback
+listener, by IPv4 literal) are timed from the request sent to the success reply read, each
+closed before the next. The median and p95 of
 each round are printed, then the medians over rounds. With `--baseline PATH` (another build's
 `uc20-tunnel`, e.g. a checkout of an older commit), the same is measured on that daemon too,
 round by round in turn with ours on the same emulator build, and the ratio ours/baseline of the
