@@ -6,11 +6,11 @@
 `--uploads` curl PUTs (3 s of line time each; 8 MiB unthrottled) run back to back through the
 daemon for the whole measurement; meanwhile sequential SOCKS5 CONNECTs (to a loopback
 listener, by IPv4 literal) are timed from the request sent to the success reply read, each
-closed before the next. The median and p95 of
-each round are printed, then the medians over rounds. With `--baseline PATH` (another build's
-`uc20-tunnel`, e.g. a checkout of an older commit), the same is measured on that daemon too,
-round by round in turn with ours on the same emulator build, and the ratio ours/baseline of the
-round medians is printed: compare ratios on a shared machine, never single figures.
+closed before the next. The median and p95 of each round are printed, then the medians over
+rounds. With `--baseline PATH` (another build's `uc20-tunnel`, e.g. a checkout of an older
+commit), the same is measured on that daemon too, round by round in turn with ours on the same
+emulator build, and the ratio ours/baseline of the round medians is printed: compare ratios on
+a shared machine, never single figures.
 
 A CONNECT under upload load waits for the command lock: for the chunk in flight (1460 bytes,
 16 ms of line at 921600 baud) and for nobody else, if the sender hands the line over between
