@@ -132,16 +132,20 @@ def best(xs: list[float]) -> str:
     return f"{max(xs):.3f} (median {statistics.median(xs):.3f})"
 
 
-def unthrottled(size: int, up_size: int, reps: int = 3) -> dict[str, float]:
+def unthrottled(size: int, up_size: int, reps: int = 3, up_reps: int = 1) -> dict[str, float]:
     """MB/s and daemon CPU-s/MB with no pacing: download (median of `reps`; 0 skips it) and
-    upload (one run of `up_size` bytes; 0 skips it)."""
+    upload (median of `up_reps` runs of `up_size` bytes; 0 bytes skips it)."""
     blob = random.Random(3).randbytes(max(size, up_size))
     out: dict[str, float] = {}
     with http_server({"blob": blob[:size]}) as port, tunnel(None) as t:
         if reps:
             out.update(fast_download(t, f"http://127.0.0.1:{port}/blob", blob[:size], reps))
         if up_size:
-            out.update(fast_upload(t, f"http://127.0.0.1:{port}/up", blob[:up_size]))
+            runs = [
+                fast_upload(t, f"http://127.0.0.1:{port}/up", blob[:up_size])
+                for _ in range(up_reps)
+            ]
+            out.update({k: statistics.median(r[k] for r in runs) for k in runs[0]})
     return out
 
 
