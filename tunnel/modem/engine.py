@@ -139,10 +139,17 @@ class _Burst:
     `taken` counts the bytes the modem answered SEND OK for; the serial reader moves it and, when
     that is fair, writes the next chunk's command itself (see Modem._on_final)."""
 
-    __slots__ = ("connect_id", "data", "full", "remote", "taken")
+    __slots__ = ("connect_id", "data", "full", "on_sent", "remote", "taken")
 
-    def __init__(self, connect_id: int, data: bytes, remote: tuple[str, int] | None) -> None:
+    def __init__(
+        self,
+        connect_id: int,
+        data: bytes,
+        remote: tuple[str, int] | None,
+        on_sent: Callable[[int], None] | None = None,
+    ) -> None:
         self.connect_id = connect_id
+        self.on_sent = on_sent
         self.data = memoryview(data)  # chunks are views: no copy per QISEND
         self.remote = remote
         self.taken = 0
@@ -374,7 +381,12 @@ class Modem:
         self._result(pending)
 
     async def send_burst(
-        self, connect_id: int, data: bytes, remote: tuple[str, int] | None = None
+        self,
+        connect_id: int,
+        data: bytes,
+        remote: tuple[str, int] | None = None,
+        *,
+        on_sent: Callable[[int], None] | None = None,
     ) -> int:
         """Send `data` (any length) as consecutive AT+QISEND exchanges of at most MAX_SEND_LEN
         bytes each; return how many bytes the modem took.
@@ -389,11 +401,14 @@ class Modem:
         Fewer bytes than `data` when SEND FAIL (2.7: the buffer is full) stopped it after some
         were taken: the caller retries the rest later. SendBufferFull when it took none; raises
         as `command` does otherwise (how much of the chunk in flight arrived is unknown then).
+        `on_sent(n)` runs (in the serial reader: it must not block) at each chunk's SEND OK, so
+        the caller's count stays exact even when the burst ends in an error or a cancellation
+        between chunks.
         """
         if not data:
             await trio.lowlevel.checkpoint()
             return 0
-        burst = _Burst(connect_id, data, remote)
+        burst = _Burst(connect_id, data, remote, on_sent)
         while (step := burst.next_step()) is not None:
             cmd, chunk = step
             await self._acquire()
@@ -691,6 +706,12 @@ class Modem:
         if burst is not None and type(event) is SendOK:
             assert pending.data is not None
             burst.taken += len(pending.data)
+            if burst.on_sent is not None:
+                try:
+                    burst.on_sent(len(pending.data))
+                except Exception:
+                    # A bug in the owner's callback must not take the serial reader down.
+                    log.exception("send count failed cmd=%s", pending.command.name)
             step = burst.next_step()
             if step is not None and self._chain_next(pending, step[0], step[1]):
                 return  # the sender sleeps on: its burst goes on

@@ -322,7 +322,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
                 why = self._idle_closed or "connection no longer open in the modem"
                 raise trio.BrokenResourceError(why)
             try:
-                taken = await modem.send_burst(self.connect_id, data)
+                taken = await modem.send_burst(self.connect_id, data, on_sent=self._on_sent)
             except SendBufferFull:
                 # 2.7: SEND FAIL means the buffer is full; the same bytes go again later.
                 self._pool.send_fail_retries += 1
@@ -341,9 +341,13 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             except ModemError as exc:
                 self._break(f"send failed: {exc}")
                 raise trio.BrokenResourceError(f"send failed: {exc}") from exc
-            self.bytes_sent += taken
-            self.last_active = trio.current_time()
             return taken
+
+    def _on_sent(self, count: int) -> None:
+        """A chunk's SEND OK (called by the serial reader): count it at once, so the figures
+        stay exact whatever ends the burst."""
+        self.bytes_sent += count
+        self.last_active = self._modem.read_time
 
     async def wait_send_all_might_not_block(self) -> None:
         if self._closed or self._write_closed:

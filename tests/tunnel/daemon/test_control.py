@@ -19,10 +19,12 @@ from tunnel.daemon.config import Settings
 from tunnel.daemon.control_protocol import (
     MAX_DEPTH,
     MAX_REQUEST,
+    MODEM_NAME,
     PING_COUNT,
     PING_WAIT,
     SCHEMA,
     LineReader,
+    ModemName,
     RequestError,
     depth,
     parse_request,
@@ -145,10 +147,15 @@ def test_parse_request_raises_only_request_error(line: bytes) -> None:
     rules = SCHEMA[request.cmd]
     assert set(request.args) == set(rules)
     for name, value in request.args.items():
-        allowed = getattr(rules[name], "allowed", None)
+        rule = rules[name]
+        allowed = getattr(rule, "allowed", None)
         if allowed is not None:
             assert type(value) is int
             assert value in allowed
+        elif isinstance(rule, ModemName):
+            # "" is the default: whichever modem the policy picks.
+            assert isinstance(value, str)
+            assert MODEM_NAME.fullmatch(value)
         else:
             assert isinstance(value, str)
             assert value

@@ -515,3 +515,37 @@ async def test_a_chained_burst_chunk_past_its_limit_times_out(pty_pair, autojump
         with pytest.raises(CommandTimeout):
             await modem.send_burst(0, data)
     assert modem.unresponsive.is_set()
+
+
+async def test_a_burst_counts_every_chunk_at_its_send_ok_even_when_cancelled(pty_pair) -> None:
+    """on_sent runs at each SEND OK, so a sender cancelled between chunks (here while another
+    command holds the lock) leaves an exact count behind."""
+    modem, peer = pty_pair
+    data = burst_payload(5 * 1460)
+    sent: list[int] = []
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            burst_scope = trio.CancelScope()
+
+            async def sender() -> None:
+                with burst_scope:
+                    await modem.send_burst(0, data, on_sent=sent.append)
+
+            async def other() -> None:
+                await modem.command(at.csq())
+
+            nursery.start_soon(sender)
+            for index in range(2):
+                chunk = data[index * 1460 : (index + 1) * 1460]
+                await peer.expect(b"AT+QISEND=0,1460\r")
+                await peer.send(b"\r\n> ")
+                await peer.expect(chunk)
+                if index == 1:
+                    nursery.start_soon(other)  # the burst hands the lock over after this one
+                    await trio.testing.wait_all_tasks_blocked()
+                await peer.send(b"\r\nSEND OK\r\n")
+            await peer.expect(b"AT+CSQ\r")
+            burst_scope.cancel()  # the sender waits for the lock: it stops there
+            await peer.send(b"\r\n+CSQ: 9,99\r\n\r\nOK\r\n")
+    assert sent == [1460, 1460]
+    assert burst_scope.cancelled_caught
