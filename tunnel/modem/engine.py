@@ -331,14 +331,7 @@ class Modem:
 
     async def command(self, cmd: Command) -> Response:
         """Run one command; its Response, or CommandError / CommandTimeout / ModemGone."""
-        await self._acquire()
-        try:
-            with trio.CancelScope(shield=True):
-                pending = await self._exchange(cmd)
-                await self._explain_error(pending)
-        finally:
-            self._lock.release()
-        return self._result(pending)
+        return self._result(await self._locked_exchange(cmd))
 
     async def chain(self, first: Command, follow: Follow) -> None:
         """Run `first`, then each command `follow` returns after the previous one's OK, until it
@@ -353,13 +346,7 @@ class Modem:
         """
         cmd: Command | None = first
         while cmd is not None:
-            await self._acquire()
-            try:
-                with trio.CancelScope(shield=True):
-                    pending = await self._exchange(cmd, follow=follow)
-                    await self._explain_error(pending)
-            finally:
-                self._lock.release()
+            pending = await self._locked_exchange(cmd, follow=follow)
             self._result(pending)  # raises for an error
             cmd = pending.next
 
@@ -370,15 +357,7 @@ class Modem:
 
         SendBufferFull on SEND FAIL (nothing was taken, retry the same bytes later).
         """
-        cmd = at.qisend(connect_id, len(data), remote)
-        await self._acquire()
-        try:
-            with trio.CancelScope(shield=True):
-                pending = await self._exchange(cmd, data)
-                await self._explain_error(pending)
-        finally:
-            self._lock.release()
-        self._result(pending)
+        self._result(await self._locked_exchange(at.qisend(connect_id, len(data), remote), data))
 
     async def send_burst(
         self,
@@ -410,14 +389,7 @@ class Modem:
             return 0
         burst = _Burst(connect_id, data, remote, on_sent)
         while (step := burst.next_step()) is not None:
-            cmd, chunk = step
-            await self._acquire()
-            try:
-                with trio.CancelScope(shield=True):
-                    pending = await self._exchange(cmd, chunk, burst=burst)
-                    await self._explain_error(pending)
-            finally:
-                self._lock.release()
+            pending = await self._locked_exchange(step[0], step[1], burst=burst)
             try:
                 self._result(pending)
             except SendBufferFull:
@@ -425,6 +397,25 @@ class Modem:
                     return burst.taken
                 raise
         return burst.taken
+
+    async def _locked_exchange(
+        self,
+        cmd: Command,
+        data: bytes | memoryview | None = None,
+        *,
+        follow: Follow | None = None,
+        burst: _Burst | None = None,
+    ) -> _Pending:
+        """One exchange (or chain) under the command lock, shielded once written (see the
+        module docstring), its bare ERROR explained while the lock is still ours."""
+        await self._acquire()
+        try:
+            with trio.CancelScope(shield=True):
+                pending = await self._exchange(cmd, data, follow, burst)
+                await self._explain_error(pending)
+        finally:
+            self._lock.release()
+        return pending
 
     async def _acquire(self) -> None:
         """The command lock, without a scheduling round when nobody holds it.
