@@ -8,6 +8,7 @@ front nor the driver, so neither front imports the other or reaches into the dri
 """
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -82,6 +83,21 @@ def flow_label(flow: object) -> str:
     return f"{name}:{label}" if name else label
 
 
+class DirectSink(Protocol):
+    """Optional on a stream from `open_tcp`: hand arriving bytes straight to whoever would
+    receive them, without waking that task (the download path's per-batch cost).
+
+    While a sink is set, the stream may call `sink(data)` from its own I/O instead of buffering
+    `data`, but only while its one receiver is parked in `receive_some` with nothing buffered,
+    so the sink's bytes are the next in the stream. `sink` must not block or raise: it returns
+    how many leading bytes it took (0 when it cannot take any now); the stream buffers the rest,
+    which `receive_some` returns as usual, in order. `set_sink(None)` stops it; once that
+    returns the sink is never called again.
+    """
+
+    def set_sink(self, sink: Callable[[bytes], int] | None) -> None: ...
+
+
 class Uplink(Protocol):
     """What the fronts use. `client` names who asks (an address, or an IPv6 /64): the unit the
     uplink shares its scarce connections and lookups fairly by."""
@@ -92,7 +108,8 @@ class Uplink(Protocol):
         """A connected stream to `host`:`port` (an IPv4 literal or a name, resolved far side),
         or DialError. The stream may carry `bound_address: tuple[str, int] | None`,
         `connect_id` and `modem_name` for the fronts' replies and logs (see flow_label); it
-        raises trio's stream errors (BrokenResourceError when the network side fails)."""
+        raises trio's stream errors (BrokenResourceError when the network side fails). It may
+        also offer `set_sink` (see DirectSink), which the splice uses."""
         ...
 
     async def open_udp(self, *, client: str = "") -> UdpFlow:

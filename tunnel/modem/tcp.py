@@ -13,6 +13,7 @@ quiet linger (or at once when the peer has already closed) and closing sends AT+
 """
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -93,6 +94,8 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self.inbound = inbound
         self.rx = Receiver(rx_buffer, accepted=inbound)
         self._consumer_wakeup: trio.Event | None = None
+        self._sink: Callable[[bytes], int] | None = None
+        self._sink_ready = False  # the receiver is parked with nothing buffered (set_sink)
         self._driver_wakeup: trio.Event | None = None
         self._driver_running = False
         self._driver_scope: trio.CancelScope | None = None
@@ -122,6 +125,17 @@ class ModemSocket(trio.abc.HalfCloseableStream):
         self.last_active = now = self._modem.read_time
         if self._write_closed:
             self._linger_until = now + HALF_CLOSE_LINGER
+        if self._sink_ready and self.rx.can_deliver:
+            # The receiver is parked and nothing is ahead of these bytes: straight to its sink,
+            # without a wake-up (DirectSink); only what the sink cannot take now is buffered.
+            assert self._sink is not None
+            taken = self._sink(data)
+            if taken:
+                self.rx.delivered(taken)
+                self.bytes_received += taken
+                if taken == len(data):
+                    return
+                data = data[taken:]
         self._apply(self.rx.push(data))
 
     def on_recv_notify(self) -> None:
@@ -240,6 +254,13 @@ class ModemSocket(trio.abc.HalfCloseableStream):
 
     # --- trio stream API --------------------------------------------------------------------
 
+    def set_sink(self, sink: Callable[[bytes], int] | None) -> None:
+        """uplink.contract.DirectSink: while set, a push frame that arrives while receive_some
+        is parked with nothing buffered goes to `sink` from the serial reader."""
+        self._sink = sink
+        if sink is None:
+            self._sink_ready = False
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None:
             if not isinstance(max_bytes, int):
@@ -250,31 +271,43 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             raise trio.BusyResourceError("another task is receiving on this socket")
         self._receiving = True
         try:
-            await trio.lowlevel.checkpoint()
+            # trio's pattern for a receive (MemoryReceiveChannel.receive): a cancel point first,
+            # and a schedule point only when nothing had to be waited for, since a wait is one
+            # already: one scheduling round per downloaded batch instead of two.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            waited = False
             while True:
                 if self._closed:
                     raise trio.ClosedResourceError("socket was closed")
                 data = self.rx.take(max_bytes)
                 if self._linger_over or self._idle_closed:
-                    if isinstance(data, bytes) and data:
-                        self.bytes_received += len(data)
-                        return data
-                    return b""
+                    if not (isinstance(data, bytes) and data):
+                        data = b""
+                    self.bytes_received += len(data)
+                    break
                 if isinstance(data, bytes):
                     self.bytes_received += len(data)
                     if self.rx.wants_driver():
                         self._kick_driver()
-                    return data
+                    break
                 if isinstance(data, Failed):
                     raise trio.BrokenResourceError(data.reason)
                 await self._wait_for_data()
+                waited = True
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # shielded: the bytes are taken
+            return data
         finally:
             self._receiving = False
 
     async def _wait_for_data(self) -> None:
         self._consumer_wakeup = wakeup = trio.Event()
         if not self._write_closed:
-            await wakeup.wait()
+            self._sink_ready = self._sink is not None
+            try:
+                await wakeup.wait()
+            finally:
+                self._sink_ready = False
             return
         with trio.move_on_at(self._linger_until):
             await wakeup.wait()

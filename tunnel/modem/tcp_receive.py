@@ -242,6 +242,22 @@ class Receiver:
             )
         return wake
 
+    @property
+    def can_deliver(self) -> bool:
+        """A push frame's bytes may go straight to the consumer (see delivered): push mode and
+        nothing buffered ahead of them."""
+        return self.state is RxState.PUSH and not self._buffer
+
+    def delivered(self, size: int) -> None:
+        """`size` bytes of a push frame went straight to the consumer, past the buffer (they
+        count as received; the rest of the frame comes in by push())."""
+        if not self.can_deliver:
+            raise ReceiveError(
+                f"receive machine: direct delivery in state {self.state.name} with "
+                f"{self.buffered} bytes buffered"
+            )
+        self.received += size
+
     def notify(self) -> int:
         """`+QIURC: "recv",<id>`: in buffer mode, data arrived into the modem's empty buffer."""
         before = self.state

@@ -19,6 +19,7 @@ from tunnel.modem.engine import Modem
 from tunnel.modem.pool import OpenError, SocketPool
 from tunnel.modem.tcp import ModemSocket, open_tcp
 from tunnel.modem.tcp_receive import RxState
+from uplink.splice import Splice
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n\r\n+QIRD: 3\r\n> \x1a\x00SEND OK\r\n'
 OPEN = b'AT+QIOPEN=1,0,"TCP","a.test",80,0,1\r'
@@ -249,3 +250,81 @@ async def test_dns_routes_live_only_as_long_as_the_lookup(line) -> None:
             nursery.start_soon(modem_side_2)
             answer = await resolver.resolve("b.test")
         assert answer.addresses == ("198.18.0.9",)
+
+
+async def test_a_sink_takes_pushes_only_while_the_receiver_is_parked_and_in_order(line) -> None:
+    _modem, pool, peer = line
+    taken: list[bytes] = []
+    room = [1 << 20]  # how many bytes the sink takes per call
+
+    def sink(data: bytes) -> int:
+        n = min(room[0], len(data))
+        taken.append(data[:n])
+        return n
+
+    with trio.fail_after(10):
+        sock = await open_flow(pool, peer, rx_buffer=1 << 20)
+        sock.set_sink(sink)
+        received: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def receive_one() -> None:
+                received.append(await sock.receive_some())
+
+            # Parked: the first frame goes to the sink whole, and the receiver sleeps on.
+            nursery.start_soon(receive_one)
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.send(push(b"first"))
+            await trio.testing.wait_all_tasks_blocked()
+            assert taken == [b"first"]
+            assert received == []
+            # The sink takes 3 bytes: the rest is buffered and wakes the receiver.
+            room[0] = 3
+            await peer.send(push(NASTY))
+            await trio.testing.wait_all_tasks_blocked()
+        assert taken == [b"first", NASTY[:3]]
+        assert received == [NASTY[3:]]
+        # Nobody parked: buffered, the sink not asked, even with room again.
+        room[0] = 1 << 20
+        await peer.send(push(b"while busy"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(taken) == 2
+        assert await sock.receive_some() == b"while busy"
+        # Removed: never called again.
+        sock.set_sink(None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive_one)
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.send(push(b"after"))
+        assert len(taken) == 2
+        assert received[-1] == b"after"
+    assert sock.bytes_received == len(b"first" + NASTY + b"while busy" + b"after")
+    assert sock.rx.received == sock.bytes_received
+
+
+async def test_a_splice_into_a_full_socket_keeps_every_byte_in_order(line) -> None:
+    """The splice's sink writes into the client socket until it is full; the rest waits in the
+    flow's buffer and goes through the pump's send_all: the client reads every byte once."""
+    _modem, pool, peer = line
+    frames = [lookalike_payload(1460, i, NASTY) for i in range(300)]  # > the socket's buffers
+    want = b"".join(frames)
+    a, b = trio.socket.socketpair()
+    a.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 16384)
+    client = trio.SocketStream(a)
+    with trio.fail_after(20):
+        sock = await open_flow(pool, peer, rx_buffer=len(want) + 1)
+        flow = Splice(client, sock, names=("client", "remote"))
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flow.run)
+            await trio.testing.wait_all_tasks_blocked()
+            await peer.send(b"".join(push(f) for f in frames))
+            await trio.testing.wait_all_tasks_blocked()
+            assert flow.down < len(want)  # the socket filled up: some bytes wait in the flow
+            while len(got) < len(want):
+                got += await b.recv(65536)
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+        b.close()
+    assert bytes(got) == want
+    assert flow.down == len(want) == sock.bytes_received

@@ -54,6 +54,22 @@ def test_push_then_eof() -> None:
     assert rx.state is RxState.DONE
 
 
+def test_direct_delivery_only_in_push_mode_with_nothing_buffered() -> None:
+    rx = Receiver(1024)
+    assert rx.can_deliver
+    rx.delivered(10)  # a sink took 10 bytes of a frame
+    assert rx.received == 10
+    assert rx.buffered == 0
+    rx.push(b"ab")
+    assert not rx.can_deliver  # bytes ahead: a sink would overtake them
+    with pytest.raises(ReceiveError, match="direct delivery in state PUSH with 2 bytes buffered"):
+        rx.delivered(1)
+    assert rx.take() == b"ab"
+    assert rx.can_deliver
+    rx.peer_closed()
+    assert not rx.can_deliver
+
+
 def test_stall_switch_read_with_a_notice_during_the_empty_read() -> None:
     rx = Receiver(10)
     assert rx.push(b"x" * 11) & Wake.DRIVER  # past the mark: the client counts as stalled
