@@ -11,6 +11,8 @@ it would make its late OK look like the answer to the next command.
 import contextlib
 import logging
 import os
+import select
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, TypeVar
@@ -60,6 +62,14 @@ FRAME_TIMEOUT_FLOOR = 0.5
 FRAME_TIMEOUT_BYTE_TIMES = 2000
 # A chained command's deadline may run this fraction of its limit late, never early (_chain_next).
 DEADLINE_SLACK = 0.001
+# Held waits (Modem._read_loop): when the reader itself wrote what the modem answers next (a
+# chained command, a payload at its prompt), it may wait for that answer right in its own step,
+# blocking the event loop up to HOLD_WAIT per answer and HOLD_SLICE per step, instead of one
+# scheduling round per answer. An answer not there within HOLD_WAIT (a line slower than the
+# process, or a modem emulated in this very process) turns holds off for HOLD_BACKOFF.
+HOLD_WAIT = 0.001
+HOLD_SLICE = 0.002
+HOLD_BACKOFF = 0.1
 
 
 def frame_timeout(baud: int | None) -> float:
@@ -171,8 +181,8 @@ class _Burst:
 
 class _Pending:
     __slots__ = (
-        "burst", "command", "data", "done", "final", "follow", "next", "prompt", "response",
-        "unwritten", "written",
+        "burst", "by_reader", "command", "data", "done", "final", "follow", "next", "prompt",
+        "response", "unwritten", "written",
     )  # fmt: skip
 
     def __init__(
@@ -194,6 +204,7 @@ class _Pending:
         self.follow = follow
         self.next: Command | None = None  # what `follow` asked for after this one's OK
         self.unwritten = b""  # a chained command line the reader could not write whole
+        self.by_reader = False  # the reader wrote the whole command line (a chained one)
 
 
 @dataclass
@@ -204,6 +215,8 @@ class ModemStats:
     timeouts: int = 0
     garbage_lines: int = 0
     reboots_seen: int = 0
+    held_reads: int = 0  # answers read in a held wait (see HOLD_WAIT)
+    hold_misses: int = 0  # held waits that timed out
 
 
 class Modem:
@@ -218,6 +231,8 @@ class Modem:
         self._parser = ATParser()
         self._lock = trio.Lock()
         self._lock_waiters = 0  # tasks parked in _acquire: the reader chains only while 0
+        self._hold_poll: select.epoll | None = None  # the reader's own epoll (_read_held)
+        self._hold_after = 0.0  # held waits are off until this trio time (HOLD_BACKOFF)
         self._pending: _Pending | None = None
         self._limit: trio.CancelScope | None = None  # the command in flight's deadline
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
@@ -558,26 +573,77 @@ class Modem:
     # --- the reader -------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        parser = self._parser
-        dispatch = self._dispatch
-        stats = self.stats
         try:
-            while True:
-                data = await self._read()
-                if data is None:
-                    continue
-                if not data:
-                    self._set_gone(ModemGone("port closed (EOF)"))
-                    return
-                stats.bytes_in += len(data)
-                self.read_time = trio.current_time()
-                parser.receive_data(data)
-                while (event := parser.next_event()) is not NEED_DATA:
-                    dispatch(event)
-                if self._silence_armed is not None and parser.in_payload:
-                    self._silence_armed.set()  # a payload is under way: time it
+            with contextlib.ExitStack() as stack:
+                if self._fd >= 0:
+                    # Held waits poll the tty through an epoll of their own, where it stays
+                    # registered: trio's registers it anew for every wait.
+                    self._hold_poll = stack.enter_context(select.epoll(1))
+                    self._hold_poll.register(self._fd, select.EPOLLIN)
+                while True:
+                    data = await self._read()
+                    if data is None:
+                        continue
+                    slice_end = 0.0
+                    while True:
+                        if not data:
+                            self._set_gone(ModemGone("port closed (EOF)"))
+                            return
+                        self._take(data)
+                        if not self._hold_due():
+                            break
+                        now = time.perf_counter()
+                        if not slice_end:
+                            slice_end = now + HOLD_SLICE
+                        elif now >= slice_end:
+                            break  # the others' turn: back to the event loop
+                        data = self._read_held(min(HOLD_WAIT, slice_end - now))
+                        if data is None:
+                            break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._set_gone(ModemGone(f"port read failed: {exc}"))
+        finally:
+            self._hold_poll = None
+
+    def _take(self, data: bytes) -> None:
+        """Bytes read from the port: parse them and dispatch every event they complete."""
+        parser = self._parser
+        self.stats.bytes_in += len(data)
+        self.read_time = trio.current_time()
+        parser.receive_data(data)
+        while (event := parser.next_event()) is not NEED_DATA:
+            self._dispatch(event)
+        if self._silence_armed is not None and parser.in_payload:
+            self._silence_armed.set()  # a payload is under way: time it
+
+    def _hold_due(self) -> bool:
+        """The modem's next answer is to bytes the reader itself wrote (a chained command line,
+        or a payload at its prompt), so the reader may wait for it in a held wait: nobody
+        else's task has anything to do with the line meanwhile."""
+        pending = self._pending
+        if pending is None or pending.final is not None or self._hold_poll is None:
+            return False
+        if not pending.by_reader and not (
+            pending.prompt and pending.data is not None and pending.written == len(pending.data)
+        ):
+            return False
+        return self.read_time >= self._hold_after
+
+    def _read_held(self, timeout: float) -> bytes | None:
+        """Block this whole thread up to `timeout` for the next bytes (None: none came, and held
+        waits pause for HOLD_BACKOFF). Bounded by HOLD_WAIT and HOLD_SLICE, so the event loop
+        is never away for more than a few milliseconds."""
+        assert self._hold_poll is not None
+        if not self._hold_poll.poll(timeout):
+            self.stats.hold_misses += 1
+            self._hold_after = self.read_time + HOLD_BACKOFF
+            return None
+        try:
+            data = self._read_tty_now()
+        except BlockingIOError:
+            return None
+        self.stats.held_reads += 1
+        return data
 
     async def _watch_silence(self) -> None:
         """Cut a length-framed payload that stopped arriving (see frame_timeout()).
@@ -628,9 +694,14 @@ class Modem:
         # takes two (a checkpoint, then the wait).
         await trio.lowlevel.wait_readable(fd)
         try:
-            data = os.read(fd, READ_SIZE)
+            return self._read_tty_now()
         except BlockingIOError:
             return None
+
+    def _read_tty_now(self) -> bytes:
+        """What the tty holds now (BlockingIOError: nothing)."""
+        fd = self._fd
+        data = os.read(fd, READ_SIZE)
         if len(data) < TTY_FULL_READ:
             return data
         # A tty hands over at most its line discipline's buffer per read (4 KiB for n_tty): a
@@ -737,6 +808,7 @@ class Modem:
             return False  # the caller writes it (and sees the error) instead
         nxt = _Pending(cmd, data, pending.follow, pending.burst, pending.done)
         nxt.unwritten = line[written:]
+        nxt.by_reader = not nxt.unwritten
         pending.next = None  # taken over by the chain
         self._pending = nxt
         self._parser.command_ended()
