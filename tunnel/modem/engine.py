@@ -623,11 +623,13 @@ class Modem:
         pending = self._pending
         if pending is None or pending.final is not None or self._hold_poll is None:
             return False
-        if not pending.by_reader and not (
-            pending.prompt and pending.data is not None and pending.written == len(pending.data)
-        ):
-            return False
-        return self.read_time >= self._hold_after
+        if pending.prompt:
+            # Past the prompt, SEND OK answers the payload: held only if the reader wrote it
+            # whole (otherwise the sender, which cannot run during a hold, writes the rest).
+            owed = pending.data is not None and pending.written == len(pending.data)
+        else:
+            owed = pending.by_reader
+        return owed and self.read_time >= self._hold_after
 
     def _read_held(self, timeout: float) -> bytes | None:
         """Block this whole thread up to `timeout` for the next bytes (None: none came, and held
