@@ -13,6 +13,7 @@ import logging
 import os
 import select
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, TypeVar
@@ -207,6 +208,67 @@ class _Pending:
         self.by_reader = False  # the reader wrote the whole command line (a chained one)
 
 
+class CommandLock:
+    """The one command in flight (1.1): a lock whose waiters get it in order within two classes,
+    control before data.
+
+    Data (`bulk`: a flow's next AT+QISEND chunk, the next AT+QIRD of a read chain) comes back
+    chunk after chunk as long as a flow has bytes; control (QIOPEN, QICLOSE, a lookup, a probe)
+    is rare and a client waits on each. So a control command that waits goes next, after the
+    command in flight only, not behind every busy flow's next chunk. Control cannot starve
+    data: after URGENT_RUN control grants in a row while data waits, data gets one.
+
+    A waiter cancelled just as the lock was handed to it passes it on.
+    """
+
+    URGENT_RUN: ClassVar[int] = 4
+
+    def __init__(self) -> None:
+        self.held = False
+        self._control: deque[trio.Event] = deque()
+        self._data: deque[trio.Event] = deque()
+        self._run = 0  # control grants in a row while data waited
+
+    @property
+    def waiting(self) -> int:
+        return len(self._control) + len(self._data)
+
+    def acquire_nowait(self) -> bool:
+        """Take it if it is free and nobody waits; False otherwise."""
+        if self.held or self._control or self._data:
+            return False
+        self.held = True
+        return True
+
+    async def acquire(self, *, bulk: bool) -> None:
+        """Wait in `bulk`'s class until it is handed to us."""
+        queue = self._data if bulk else self._control
+        granted = trio.Event()
+        queue.append(granted)
+        try:
+            await granted.wait()
+        except BaseException:
+            if granted.is_set():
+                self.release()  # handed over as we were cancelled: the next one's now
+            else:
+                queue.remove(granted)
+            raise
+
+    def release(self) -> None:
+        """Hand it to the next waiter (control first, see URGENT_RUN) or free it."""
+        if not self.held:
+            raise RuntimeError("command lock released while not held")
+        control, data = self._control, self._data
+        if control and (not data or self._run < self.URGENT_RUN):
+            self._run = self._run + 1 if data else 0
+            control.popleft().set()
+        elif data:
+            self._run = 0
+            data.popleft().set()
+        else:
+            self.held = False
+
+
 @dataclass
 class ModemStats:
     bytes_in: int = 0
@@ -229,8 +291,7 @@ class Modem:
         self.frame_timeout = frame_timeout
         self._fd = stream.fileno() if isinstance(stream, trio.lowlevel.FdStream) else -1
         self._parser = ATParser()
-        self._lock = trio.Lock()
-        self._lock_waiters = 0  # tasks parked in _acquire: the reader chains only while 0
+        self._lock = CommandLock()  # the reader chains only while nobody waits for it
         self._hold_poll: select.epoll | None = None  # the reader's own epoll (_read_held)
         self._hold_after = 0.0  # held waits are off until this trio time (HOLD_BACKOFF)
         self._pending: _Pending | None = None
@@ -348,10 +409,11 @@ class Modem:
         """Run one command; its Response, or CommandError / CommandTimeout / ModemGone."""
         return self._result(await self._locked_exchange(cmd))
 
-    async def chain(self, first: Command, follow: Follow) -> None:
+    async def chain(self, first: Command, follow: Follow, *, bulk: bool = False) -> None:
         """Run `first`, then each command `follow` returns after the previous one's OK, until it
         returns None. `follow(response)` runs in the serial reader (it must not block) once per
-        OK'd command, in order.
+        OK'd command, in order. `bulk`: the chain carries data (AT+QIRD reads), and waits for
+        the lock behind control commands (CommandLock).
 
         The point is the turnaround: while nobody else waits for the command lock, the reader
         writes the next command line the moment the previous OK arrives, without waking this
@@ -361,7 +423,7 @@ class Modem:
         """
         cmd: Command | None = first
         while cmd is not None:
-            pending = await self._locked_exchange(cmd, follow=follow)
+            pending = await self._locked_exchange(cmd, follow=follow, bulk=bulk)
             self._result(pending)  # raises for an error
             cmd = pending.next
 
@@ -372,7 +434,8 @@ class Modem:
 
         SendBufferFull on SEND FAIL (nothing was taken, retry the same bytes later).
         """
-        self._result(await self._locked_exchange(at.qisend(connect_id, len(data), remote), data))
+        cmd = at.qisend(connect_id, len(data), remote)
+        self._result(await self._locked_exchange(cmd, data, bulk=True))
 
     async def send_burst(
         self,
@@ -404,7 +467,7 @@ class Modem:
             return 0
         burst = _Burst(connect_id, data, remote, on_sent)
         while (step := burst.next_step()) is not None:
-            pending = await self._locked_exchange(step[0], step[1], burst=burst)
+            pending = await self._locked_exchange(step[0], step[1], burst=burst, bulk=True)
             try:
                 self._result(pending)
             except SendBufferFull:
@@ -420,10 +483,12 @@ class Modem:
         *,
         follow: Follow | None = None,
         burst: _Burst | None = None,
+        bulk: bool = False,
     ) -> _Pending:
         """One exchange (or chain) under the command lock, shielded once written (see the
-        module docstring), its bare ERROR explained while the lock is still ours."""
-        await self._acquire()
+        module docstring), its bare ERROR explained while the lock is still ours. `bulk`: a
+        data chunk, which waits behind control commands (CommandLock)."""
+        await self._acquire(bulk=bulk)
         try:
             with trio.CancelScope(shield=True):
                 pending = await self._exchange(cmd, data, follow, burst)
@@ -432,24 +497,17 @@ class Modem:
             self._lock.release()
         return pending
 
-    async def _acquire(self) -> None:
-        """The command lock, without a scheduling round when nobody holds it.
+    async def _acquire(self, *, bulk: bool) -> None:
+        """The command lock (`bulk`: for a data chunk, see CommandLock), without a scheduling
+        round when nobody holds it.
 
         trio.Lock.acquire always yields once; every exchange then waits on the modem anyway,
         and on the QISEND hot path that extra round is a tenth of the daemon's CPU per chunk.
         A cancelled caller still stops here, before its command is written.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            # Counted here rather than read from Lock.statistics(), which builds an object per
-            # call: the reader asks after every chained answer.
-            self._lock_waiters += 1
-            try:
-                await self._lock.acquire()
-            finally:
-                self._lock_waiters -= 1
+        if not self._lock.acquire_nowait():
+            await self._lock.acquire(bulk=bulk)
 
     async def _explain_error(self, pending: _Pending) -> None:
         """2.15: a bare ERROR's reason is behind AT+QIGETERROR, asked at once (lock still held)
@@ -798,7 +856,7 @@ class Modem:
         possible (a tty that takes the line now)."""
         if (
             self._fd < 0
-            or self._lock_waiters
+            or self._lock.waiting
             or self._limit is None
             or (cmd.hang_signal and self.unresponsive.is_set())
         ):

@@ -247,7 +247,7 @@ class ModemSocket(trio.abc.HalfCloseableStream):
             return first if not self._closed and self.rx.next_read() else None
 
         try:
-            await modem.chain(first, follow)
+            await modem.chain(first, follow, bulk=True)
         except ModemError as exc:
             return self.rx.read_failed(str(exc))
         return Wake.NONE

@@ -17,7 +17,7 @@ from tunnel.at.errors import (
     SendBufferFull,
 )
 from tunnel.at.events import OpenResult, Recv
-from tunnel.modem.engine import Modem, with_timeout
+from tunnel.modem.engine import CommandLock, Modem, with_timeout
 
 NASTY = b'\r\nOK\r\n+QIURC: "recv",0,5\r\n> \x1a\x00'
 
@@ -680,3 +680,130 @@ async def test_held_waits_leave_the_line_to_a_waiting_command_within_a_slice(thr
     assert b"AT+CSQ" in responder.log
     assert csq_at
     assert csq_at[0] < 200, "AT+CSQ waited for the whole burst"
+
+
+async def test_the_command_lock_hands_control_commands_the_line_before_data() -> None:
+    lock = CommandLock()
+    assert lock.acquire_nowait()
+    order: list[str] = []
+
+    async def take(name: str, bulk: bool) -> None:
+        await lock.acquire(bulk=bulk)
+        order.append(name)
+        lock.release()
+
+    async with trio.open_nursery() as nursery:
+        for name, bulk in [("d1", True), ("c1", False), ("d2", True), ("c2", False)]:
+            nursery.start_soon(take, name, bulk)
+            await trio.testing.wait_all_tasks_blocked()
+        assert lock.waiting == 4
+        assert not lock.acquire_nowait()  # free or not, nobody jumps the queue
+        lock.release()
+    assert order == ["c1", "c2", "d1", "d2"]
+    assert not lock.held
+    with pytest.raises(RuntimeError, match="not held"):
+        lock.release()
+
+
+async def test_control_commands_cannot_starve_data() -> None:
+    lock = CommandLock()
+    assert lock.acquire_nowait()
+    order: list[str] = []
+
+    async def take(name: str, bulk: bool) -> None:
+        await lock.acquire(bulk=bulk)
+        order.append(name)
+        lock.release()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "data", True)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(10):
+            nursery.start_soon(take, f"c{i}", False)
+        await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+    assert order.index("data") == CommandLock.URGENT_RUN
+
+
+async def test_a_waiter_cancelled_as_the_lock_reaches_it_passes_it_on() -> None:
+    lock = CommandLock()
+    assert lock.acquire_nowait()
+    got = trio.Event()
+
+    async def second() -> None:
+        await lock.acquire(bulk=True)
+        got.set()
+        lock.release()
+
+    first_scope = trio.CancelScope()
+
+    async def first() -> None:
+        with first_scope:
+            await lock.acquire(bulk=False)
+            raise AssertionError("the cancelled waiter ran")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.testing.wait_all_tasks_blocked()
+        # Both in one step: `first` is cancelled, then the lock is handed to it before it ran.
+        first_scope.cancel()
+        lock.release()
+        with trio.fail_after(1):
+            await got.wait()
+    assert first_scope.cancelled_caught
+    assert not lock.held
+    # A waiter cancelled before its turn just leaves the queue.
+    assert lock.acquire_nowait()
+    with trio.CancelScope() as scope:
+        scope.deadline = trio.current_time() + 0.01
+        await lock.acquire(bulk=False)
+    assert scope.cancelled_caught
+    assert lock.waiting == 0
+    lock.release()
+    assert not lock.held
+
+
+async def test_a_connect_waits_for_the_chunk_in_flight_only_not_for_other_bursts(pty_pair):
+    """Two flows upload and a QIOPEN-like command starts waiting: it goes right after the chunk
+    in flight, before the other flow's queued chunk (the script's expects are the check)."""
+    modem, peer = pty_pair
+    a = burst_payload(2 * 1460)
+    b = burst_payload(2 * 1460 + 1)
+    both_waiting = trio.Event()
+
+    async def burst_b() -> None:
+        assert await modem.send_burst(1, b) == len(b)
+
+    async def other() -> None:
+        await modem.command(at.csq())
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def script() -> None:
+                await peer.expect(b"AT+QISEND=0,1460\r")
+                nursery.start_soon(burst_b)  # waits for the lock: data
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(other)  # then a control command
+                await trio.testing.wait_all_tasks_blocked()
+                both_waiting.set()
+                await peer.send(b"\r\n> ")
+                await peer.expect(a[:1460])
+                await peer.send(b"\r\nSEND OK\r\n")
+                await peer.expect(b"AT+CSQ\r")  # before flow 1's first chunk
+                await peer.send(b"\r\n+CSQ: 9,99\r\n\r\nOK\r\n")
+                await peer.expect(b"AT+QISEND=1,1460\r")  # data in the order it waited
+                await peer.send(b"\r\n> ")
+                await peer.expect(b[:1460])
+                await peer.send(b"\r\nSEND OK\r\n")
+                await peer.expect(b"AT+QISEND=0,1460\r")
+                await peer.send(b"\r\n> ")
+                await peer.expect(a[1460:])
+                await peer.send(b"\r\nSEND OK\r\n")
+                await expect_burst(peer, 1, b[1460:])
+
+            nursery.start_soon(script)
+            assert await modem.send_burst(0, a) == len(a)
+    assert both_waiting.is_set()
