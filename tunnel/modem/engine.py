@@ -2,10 +2,12 @@
 
 One reader task owns the port's receive side and never waits on a consumer: every event is either
 handed to the command in flight or routed by type to a synchronous, non-blocking handler that
-its owner registered (`route`). Commands go through one fair lock (the manual, 1.1 Notes: wait for
-the final result before sending the next command). Once a command's line is written the exchange
-runs to its end shielded from cancellation, bounded by its own maximum response time: abandoning
-it would make its late OK look like the answer to the next command.
+its owner registered (`route`). Commands go through one lock (the manual, 1.1 Notes: wait for
+the final result before sending the next command), fair within control commands and within data
+chunks, control first (CommandLock). Once a command's line is written the exchange runs to its
+end shielded from cancellation, bounded by its own maximum response time: abandoning it would
+make its late OK look like the answer to the next command. When the reader itself wrote what the
+modem answers next, it may wait for that answer in its own step (held waits, HOLD_WAIT).
 """
 
 import contextlib
@@ -501,7 +503,7 @@ class Modem:
         """The command lock (`bulk`: for a data chunk, see CommandLock), without a scheduling
         round when nobody holds it.
 
-        trio.Lock.acquire always yields once; every exchange then waits on the modem anyway,
+        A lock's acquire usually yields once; every exchange then waits on the modem anyway,
         and on the QISEND hot path that extra round is a tenth of the daemon's CPU per chunk.
         A cancelled caller still stops here, before its command is written.
         """
