@@ -1,5 +1,6 @@
 """Modem: one command in flight, URC fan-out, timeouts, sends — against a scripted peer."""
 
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -581,12 +582,19 @@ class ThreadedModem:
         self.received: list[tuple[int, bytes]] = []  # (connectID, payload) per QISEND
         self.log: list[bytes] = []  # every command line, in order
         self._stop = threading.Event()
+        self._progress = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+
+    def wait_for_chunks(self, n: int, timeout: float = 10) -> None:
+        """Block (in a worker thread: `trio.to_thread.run_sync`) until n payloads arrived."""
+        with self._progress:
+            if not self._progress.wait_for(lambda: len(self.received) >= n, timeout):
+                raise TimeoutError(f"{len(self.received)} of {n} chunks arrived")
 
     def _read(self, buf: bytearray) -> None:
         import os
@@ -620,7 +628,9 @@ class ThreadedModem:
                 os.write(self._fd, b"\r\n> ")
                 while len(buf) < n:
                     self._read(buf)
-                self.received.append((int(m[1]), bytes(buf[:n])))
+                with self._progress:
+                    self.received.append((int(m[1]), bytes(buf[:n])))
+                    self._progress.notify_all()
                 del buf[:n]
                 out = b"\r\nSEND OK\r\n"
                 sends += 1
@@ -678,7 +688,7 @@ async def test_held_waits_leave_the_line_to_a_waiting_command_within_a_slice(thr
     csq_at: list[int] = []
 
     async def other() -> None:
-        await trio.sleep(0.01)  # real time: the burst is under way
+        await trio.to_thread.run_sync(responder.wait_for_chunks, 5)  # the burst is under way
         await modem.command(at.csq())
         csq_at.append(len(responder.received))
 
@@ -692,15 +702,17 @@ async def test_held_waits_leave_the_line_to_a_waiting_command_within_a_slice(thr
     assert csq_at[0] < 200, "AT+CSQ waited for the whole burst"
 
 
+async def _take_and_release(lock: CommandLock, order: list[str], name: str, bulk: bool) -> None:
+    await lock.acquire(bulk=bulk)
+    order.append(name)
+    lock.release()
+
+
 async def test_the_command_lock_hands_control_commands_the_line_before_data() -> None:
     lock = CommandLock()
     assert lock.acquire_nowait()
     order: list[str] = []
-
-    async def take(name: str, bulk: bool) -> None:
-        await lock.acquire(bulk=bulk)
-        order.append(name)
-        lock.release()
+    take = functools.partial(_take_and_release, lock, order)
 
     async with trio.open_nursery() as nursery:
         for name, bulk in [("d1", True), ("c1", False), ("d2", True), ("c2", False)]:
@@ -719,11 +731,7 @@ async def test_control_commands_cannot_starve_data() -> None:
     lock = CommandLock()
     assert lock.acquire_nowait()
     order: list[str] = []
-
-    async def take(name: str, bulk: bool) -> None:
-        await lock.acquire(bulk=bulk)
-        order.append(name)
-        lock.release()
+    take = functools.partial(_take_and_release, lock, order)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(take, "data", True)
