@@ -69,10 +69,14 @@ DEADLINE_SLACK = 0.001
 # chained command, a payload at its prompt), it may wait for that answer right in its own step,
 # blocking the event loop up to HOLD_WAIT per answer and HOLD_SLICE per step, instead of one
 # scheduling round per answer. An answer not there within HOLD_WAIT (a line slower than the
-# process, or a modem emulated in this very process) turns holds off for HOLD_BACKOFF.
+# process, or a modem emulated in this very process) turns holds off for HOLD_BACKOFF, twice
+# as long after each further miss in a row up to HOLD_BACKOFF_MAX, and an answer a hold sees
+# makes the next pause short again: a fast modem that once missed (the machine was busy) loses
+# 10 ms of holds, not 100, and a slow line (every hold misses) soon tries once a second only.
 HOLD_WAIT = 0.001
 HOLD_SLICE = 0.002
-HOLD_BACKOFF = 0.1
+HOLD_BACKOFF = 0.01
+HOLD_BACKOFF_MAX = 1.0
 
 
 def frame_timeout(baud: int | None) -> float:
@@ -296,6 +300,8 @@ class Modem:
         self._lock = CommandLock()  # the reader chains only while nobody waits for it
         self._hold_poll: select.epoll | None = None  # the reader's own epoll (_read_held)
         self._hold_after = 0.0  # held waits are off until this trio time (HOLD_BACKOFF)
+        self._hold_backoff = HOLD_BACKOFF  # the pause after the next miss
+        self._now: Callable[[], float] = trio.current_time  # the reader's clock (_read_loop)
         self._pending: _Pending | None = None
         self._limit: trio.CancelScope | None = None  # the command in flight's deadline
         self._routes: dict[type[Event], list[Callable[[Any], None]]] = {}
@@ -640,6 +646,8 @@ class Modem:
                     # registered: trio's registers it anew for every wait.
                     self._hold_poll = stack.enter_context(select.epoll(1))
                     self._hold_poll.register(self._fd, select.EPOLLIN)
+                # trio.current_time() without its two lookups, once per read.
+                self._now = trio.lowlevel.current_clock().current_time
                 while True:
                     data = await self._read()
                     if data is None:
@@ -669,7 +677,11 @@ class Modem:
         """Bytes read from the port: parse them and dispatch every event they complete."""
         parser = self._parser
         self.stats.bytes_in += len(data)
-        self.read_time = trio.current_time()
+        self.read_time = self._now()
+        answer = parser.whole_answer(data)
+        if answer is not None:
+            self._dispatch(answer)  # a prompt or SEND OK alone: no payload is under way
+            return
         parser.receive_data(data)
         while (event := parser.next_event()) is not NEED_DATA:
             self._dispatch(event)
@@ -693,18 +705,20 @@ class Modem:
 
     def _read_held(self, timeout: float) -> bytes | None:
         """Block this whole thread up to `timeout` for the next bytes (None: none came, and held
-        waits pause for HOLD_BACKOFF). Bounded by HOLD_WAIT and HOLD_SLICE, so the event loop
+        waits pause, see HOLD_BACKOFF). Bounded by HOLD_WAIT and HOLD_SLICE, so the event loop
         is never away for more than a few milliseconds."""
         assert self._hold_poll is not None
         if not self._hold_poll.poll(timeout):
             self.stats.hold_misses += 1
-            self._hold_after = self.read_time + HOLD_BACKOFF
+            self._hold_after = self.read_time + self._hold_backoff
+            self._hold_backoff = min(self._hold_backoff * 2, HOLD_BACKOFF_MAX)
             return None
         try:
             data = self._read_tty_now()
         except BlockingIOError:
             return None
         self.stats.held_reads += 1
+        self._hold_backoff = HOLD_BACKOFF
         return data
 
     async def _watch_silence(self) -> None:

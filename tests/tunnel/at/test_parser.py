@@ -1,6 +1,7 @@
 """ATParser against recorded dialogues, fed whole, byte by byte and cut anywhere."""
 
 import enum
+import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -48,8 +49,11 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return pieces
 
 
-def run(pieces: list[bytes], expects: list[Expect | None] | None = None) -> list[Event]:
-    """Feed pieces; `expects` are armed in order each time a final result ends a command."""
+def run(
+    pieces: list[bytes], expects: list[Expect | None] | None = None, *, whole: bool = False
+) -> list[Event]:
+    """Feed pieces; `expects` are armed in order each time a final result ends a command.
+    `whole`: offer each piece to whole_answer() first, as the serial reader does."""
     p = ATParser()
     pending = list(expects or [])
     if pending:
@@ -57,19 +61,23 @@ def run(pieces: list[bytes], expects: list[Expect | None] | None = None) -> list
         if first is not None:
             p.command_sent(first)
     out: list[Event] = []
+
+    def take(ev: Event) -> None:
+        out.append(ev)
+        if isinstance(ev, FinalOK | FinalError | SendOK | SendFail | Prompt) and pending:
+            nxt = pending.pop(0)
+            if nxt is not None:
+                p.command_sent(nxt)
+
     for piece in pieces:
+        answer = p.whole_answer(piece) if whole else None
+        if answer is not None:
+            take(answer)
+            continue
         p.receive_data(piece)
         while (ev := p.next_event()) is not NEED_DATA:
             assert isinstance(ev, Event)
-            out.append(ev)
-            if isinstance(ev, FinalOK | FinalError | SendOK | SendFail) and pending:
-                nxt = pending.pop(0)
-                if nxt is not None:
-                    p.command_sent(nxt)
-            if isinstance(ev, Prompt) and pending:
-                nxt = pending.pop(0)
-                if nxt is not None:
-                    p.command_sent(nxt)
+            take(ev)
     return out
 
 
@@ -137,6 +145,55 @@ def test_send_prompt_then_results() -> None:
 
 def test_prompt_not_recognised_unless_armed() -> None:
     assert run([b"\r\n> \r\nOK\r\n"]) == [Unparsed(b">"), FinalOK()]
+    assert run([b"\r\n> ", b"\r\nOK\r\n"], whole=True) == [Unparsed(b">"), FinalOK()]
+
+
+# An upload as the reader sees it: each answer of an AT+QISEND exchange a read of its own, with
+# push frames (payloads that look like those answers) and other lines between them.
+UPLOAD_READS = [
+    b"\r\n> ",
+    b"\r\nSEND OK\r\n",
+    b"\r\n> ",
+    b'\r\nSEND OK\r\n\r\n+QIURC: "recv",1,4\r\n\r\n> ',
+    b"\r\n> ",
+    b'\r\n+QIURC: "recv",2,11\r\n',
+    b"\r\nSEND OK\r\n",
+    b"\r\n> ",
+    b"\r\nSEND FAIL\r\n",
+    b"\r\n> ",
+    b"\r\nSEND OK\r\n",
+    b"\r\nSEND OK\r\n",
+]
+UPLOAD_EXPECTS = [Expect(prompt=True), NO_INFO] * 5
+
+
+@given(st.lists(st.integers(0, len(b"".join(UPLOAD_READS)))))
+def test_whole_answers_are_the_events_the_general_path_gives(cuts: list[int]) -> None:
+    """whole_answer() is only a shortcut: whatever the reads, the events are the same. Cut at
+    the answers' own boundaries (the shortcut's case) and anywhere else."""
+    stream = b"".join(UPLOAD_READS)
+    expected = run([stream], UPLOAD_EXPECTS)
+    assert expected[:3] == [Prompt(), SendOK(), Prompt()]
+    assert Recv(1, b"\r\n> ") in expected
+    assert Recv(2, b"\r\nSEND OK\r\n") in expected
+    assert run(UPLOAD_READS, UPLOAD_EXPECTS, whole=True) == expected
+    bounds = sorted({0, len(stream), *cuts})
+    pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    assert run(pieces, UPLOAD_EXPECTS, whole=True) == expected
+
+
+def test_a_read_ending_between_the_prompt_and_its_space_leaves_no_garbage() -> None:
+    reads = [b"\r\n>", b" \r\nSEND OK\r\n"]
+    assert run(reads, [Expect(prompt=True), NO_INFO]) == [Prompt(), SendOK()]
+
+
+def test_whole_answer_declines_while_bytes_are_buffered() -> None:
+    p = ATParser()
+    p.command_sent(Expect(prompt=True))
+    p.receive_data(b"\r\n+QIURC: ")
+    assert p.next_event() is NEED_DATA
+    assert p.whole_answer(b"\r\n> ") is None  # it belongs after the half line, not before
+    assert p.whole_answer(b"\r\nSEND OK\r\n") is None
 
 
 def test_prompt_without_space_and_push_before_prompt() -> None:
