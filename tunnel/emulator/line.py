@@ -20,6 +20,7 @@ import ctypes
 import functools
 import logging
 import os
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -50,6 +51,16 @@ REPLY_SLACK: Final = 0.002
 TIMER_LATENCY: Final = 0.0006
 # A timerfd wakes within ~0.1 ms (hrtimer plus the scheduler), so it aims only that much early.
 TIMERFD_LATENCY: Final = 0.0001
+# Unthrottled on an fd, right after the emulator answered, the host's next bytes (the payload
+# at a `> `, the next AT+QISEND after SEND OK) usually follow within microseconds: `receive`
+# then waits for them up to REPLY_HOLD in a blocking poll of its own, instead of a round through
+# trio's epoll, for at most HOLD_RUN in a row before it lets the other tasks run. A miss pauses
+# holds for HOLD_PAUSE, twice as long per further miss in a row up to HOLD_PAUSE_MAX (a host
+# that does not answer at once, as during a download, soon costs nothing).
+REPLY_HOLD: Final = 0.0005
+HOLD_RUN: Final = 0.002
+HOLD_PAUSE: Final = 0.01
+HOLD_PAUSE_MAX: Final = 1.0
 
 
 class _Itimerspec(ctypes.Structure):
@@ -189,12 +200,23 @@ class SerialLine:
             if self.rate is None and isinstance(stream, trio.lowlevel.FdStream)
             else -1
         )
+        # Held reads (REPLY_HOLD): an epoll of our own where the fd stays registered.
+        self._hold_poll: select.epoll | None = None
+        self._answered = False  # put() wrote a whole reply since the last read
+        self._hold_run_end = 0.0  # perf_counter time the current run of held reads ends
+        self._hold_after = 0.0  # holds are paused until this trio time
+        self._hold_pause = HOLD_PAUSE
+        self.held_reads = 0
+        self.hold_misses = 0
 
     def close(self) -> None:
-        """Release the pacing timers (the line's tasks have ended)."""
+        """Release the pacing timers and the hold poll (the line's tasks have ended)."""
         for timer in (self._write_timer, self._read_timer):
             if timer is not None:
                 timer.close()
+        if self._hold_poll is not None:
+            self._hold_poll.close()
+            self._hold_poll = None
 
     # -- output -------------------------------------------------------------------------------
 
@@ -221,6 +243,7 @@ class SerialLine:
                 self.bytes_out += written
                 self._advance(written)
                 if written == len(data):
+                    self._answered = True
                     return self._accepted
                 data = data[written:]
         self._frames.append(data)
@@ -421,7 +444,13 @@ class SerialLine:
 
     async def _receive_fd(self) -> bytes:
         """Unthrottled on an fd: one wait, one read (FdStream.receive_some takes a checkpoint,
-        a read that finds nothing, the wait, then the read)."""
+        a read that finds nothing, the wait, then the read); or a held read (REPLY_HOLD)."""
+        if self._answered:
+            self._answered = False
+            data = self._read_held()
+            if data is not None:
+                return data
+        self._hold_run_end = 0.0
         while True:
             await trio.lowlevel.wait_readable(self._fd)
             try:
@@ -432,3 +461,34 @@ class SerialLine:
                 raise trio.BrokenResourceError(f"line read failed: {exc}") from exc
             self.bytes_in += len(data)
             return data
+
+    def _read_held(self) -> bytes | None:
+        """The host's answer to the reply just written, read in a blocking poll of up to
+        REPLY_HOLD; None (go through trio) when holds are paused, the run is over or it
+        missed."""
+        if trio.current_time() < self._hold_after:
+            return None
+        # The run is bounded in real time: a blocking poll moves no virtual clock.
+        now = time.perf_counter()
+        if not self._hold_run_end:
+            self._hold_run_end = now + HOLD_RUN
+        elif now >= self._hold_run_end:
+            return None  # the other tasks' turn
+        if self._hold_poll is None:
+            self._hold_poll = select.epoll(1)
+            self._hold_poll.register(self._fd, select.EPOLLIN)
+        if not self._hold_poll.poll(REPLY_HOLD):
+            self.hold_misses += 1
+            self._hold_after = trio.current_time() + self._hold_pause
+            self._hold_pause = min(self._hold_pause * 2, HOLD_PAUSE_MAX)
+            return None
+        try:
+            data = os.read(self._fd, self._read_size)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"line read failed: {exc}") from exc
+        self._hold_pause = HOLD_PAUSE
+        self.held_reads += 1
+        self.bytes_in += len(data)
+        return data

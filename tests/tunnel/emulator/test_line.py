@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from tests.tunnel.emulator.helpers import pattern
-from tunnel.emulator.line import SerialLine
+from tunnel.emulator.line import HOLD_PAUSE_MAX, SerialLine
 
 
 async def receive_all_now(stream: trio.abc.ReceiveStream) -> bytes:
@@ -115,3 +115,61 @@ async def test_wait_written_keeps_the_order_when_output_is_dropped(nursery) -> N
         await trio.testing.wait_all_tasks_blocked()
         assert sorted(done) == ["first", "second"]
         assert line.pending == 0
+
+
+async def test_unthrottled_reads_the_hosts_prompt_answer_held_and_pauses_after_a_miss(
+    autojump_clock,
+) -> None:
+    """After a reply, the host's answer is read in a held wait (no round through trio); a host
+    that stays silent costs one miss, and holds then pause instead of missing every time."""
+    import threading
+
+    autojump_clock.autojump_threshold = 0.05  # the host thread answers in real time
+
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    modem_end = trio.lowlevel.FdStream(master)
+    line = SerialLine(modem_end, None)
+    answering = threading.Event()
+    answering.set()
+
+    def host() -> None:  # another "process": answers each byte with two, at once
+        while True:
+            try:
+                data = os.read(slave, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            if answering.is_set():
+                os.write(slave, data.upper() * 2)
+
+    thread = threading.Thread(target=host, daemon=True)
+    thread.start()
+    got = b""
+    with trio.fail_after(10):
+        for i in range(200):
+            line.put(b"abcdefghij"[i % 10 : i % 10 + 1])
+            while len(got) < 2 * (i + 1):
+                got += await line.receive()
+        assert got == b"".join(bytes([c]) * 2 for c in b"ABCDEFGHIJ" * 20)
+        assert line.held_reads > 0
+        answering.clear()
+        await trio.sleep(HOLD_PAUSE_MAX)  # whatever a miss above paused is over
+        misses = line.hold_misses
+        for _ in range(3):
+            line.put(b"q")  # no answer comes
+            with trio.move_on_after(0.002):
+                await line.receive()
+        assert line.hold_misses == misses + 1  # then paused: the other two went through trio
+        await trio.sleep(HOLD_PAUSE_MAX)  # the pause is over: one more miss, then a pause again
+        for _ in range(3):
+            line.put(b"q")
+            with trio.move_on_after(0.002):
+                await line.receive()
+        assert line.hold_misses == misses + 2
+    line.close()
+    await modem_end.aclose()
+    os.close(slave)
+    thread.join(5)
