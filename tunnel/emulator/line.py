@@ -200,6 +200,15 @@ class SerialLine:
             if self.rate is None and isinstance(stream, trio.lowlevel.FdStream)
             else -1
         )
+        # Paced on an fd: `put` writes a frame at once when the line is idle and the frame's
+        # last byte is due already by the line clock (a short reply to a command that has just
+        # arrived), instead of the writer's wake-up, clock check and send_all: three scheduling
+        # rounds that a real modem's UART does not have.
+        self._paced_fd = (
+            stream.fileno()
+            if self.rate is not None and isinstance(stream, trio.lowlevel.FdStream)
+            else -1
+        )
         # Held reads (REPLY_HOLD): an epoll of our own where the fd stays registered.
         self._hold_poll: select.epoll | None = None
         self._answered = False  # put() wrote a whole reply since the last read
@@ -246,6 +255,10 @@ class SerialLine:
                     self._answered = True
                     return self._accepted
                 data = data[written:]
+        elif self._paced_fd >= 0 and not self._frames and not self._writing:
+            data = self._put_due(data)
+            if not data:
+                return self._accepted
         self._frames.append(data)
         self._pending += len(data)
         self._accepted += len(data)
@@ -255,6 +268,40 @@ class SerialLine:
         if self._pending - self._in_flight >= self.high_water and self._room.is_set():
             self._room = trio.Event()
         return self._accepted
+
+    def _put_due(self, data: bytes) -> bytes:
+        """Paced, the line idle: write what of `data` is due by now; return the rest (b"": all
+        of it went). Due: the whole frame would have crossed the line by now (within a timer's
+        latency), counted from where `_line_start` says it starts."""
+        assert self.rate is not None
+        now = trio.current_time()
+        start = self._line_start(now)
+        if start + len(data) / self.rate > now + TIMERFD_LATENCY:
+            return data  # its bytes are still to cross: the writer paces it
+        try:
+            written = os.write(self._paced_fd, data)
+        except OSError:
+            return data  # an error is left for the writer to meet
+        # The line is busy until the written bytes have crossed; the writer continues from there
+        # with the rest (back to back: `_line_start` sees the line busy until then).
+        self._next_free = start + written / self.rate
+        self._accepted += written
+        self.bytes_out += written
+        self._advance(written)
+        return data[written:]
+
+    def _line_start(self, now: float) -> float:
+        """When a chunk handed to the line at `now` starts to cross it (virtual clock)."""
+        # Back-to-back with the previous chunk unless the line really went idle: a late
+        # wake-up must not stretch the line time of a continuous stream.
+        if now - self._next_free <= INPUT_SLACK:
+            return self._next_free
+        if now - self._in_time <= REPLY_SLACK:
+            # A reply to a command whose last byte arrived a moment ago: the emulated modem
+            # answers at once, so its own processing and wake-ups must not add to the host's
+            # turnaround (the reply starts when the command ended).
+            return max(self._next_free, self._in_time)
+        return now
 
     def put_last(self, data: bytes, on_written: Callable[[], None]) -> int:
         """Queue the last bytes before a brownout: nothing put after them goes out, and
@@ -390,18 +437,7 @@ class SerialLine:
                 # been idle) and occupies it for n/rate seconds; no accumulated drift. It is
                 # handed over when its last byte would have arrived, as a UART delivers it: a
                 # host reacting to a prompt or a result cannot start before it has all of it.
-                now = trio.current_time()
-                # Back-to-back with the previous chunk unless the line really went idle: a late
-                # wake-up must not stretch the line time of a continuous stream.
-                if now - self._next_free <= INPUT_SLACK:
-                    start = self._next_free
-                elif now - self._in_time <= REPLY_SLACK:
-                    # A reply to a command whose last byte arrived a moment ago: the emulated
-                    # modem answers at once, so its own processing and wake-ups must not add
-                    # to the host's turnaround (the reply starts when the command ended).
-                    start = max(self._next_free, self._in_time)
-                else:
-                    start = now
+                start = self._line_start(trio.current_time())
                 self._next_free = start + len(data) / self.rate
                 assert self._write_timer is not None
                 await self._write_timer.sleep_until(self._next_free)
@@ -437,8 +473,9 @@ class SerialLine:
             now = trio.current_time()
             start = self._in_time if now - self._in_time <= INPUT_SLACK else now
             self._in_time = start + len(data) / self.rate
-            assert self._read_timer is not None
-            await self._read_timer.sleep_until(self._in_time)
+            if self._in_time > now + TIMERFD_LATENCY:  # else it has arrived: no timer round
+                assert self._read_timer is not None
+                await self._read_timer.sleep_until(self._in_time)
         self.bytes_in += len(data)
         return bytes(data)
 

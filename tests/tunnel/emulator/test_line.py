@@ -173,3 +173,29 @@ async def test_unthrottled_reads_the_hosts_prompt_answer_held_and_pauses_after_a
     await modem_end.aclose()
     os.close(slave)
     thread.join(5)
+
+
+async def test_paced_short_reply_due_by_the_line_clock_goes_out_without_the_writer() -> None:
+    """Paced on a pty: a reply whose last byte is due already (the command just arrived, the
+    reply is 4 bytes, 13 µs of line at 3000000 baud) is written at once; a frame still crossing
+    the line waits for the writer (not running here, so it stays queued)."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    modem_end = trio.lowlevel.FdStream(master)
+    host = trio.lowlevel.FdStream(slave)
+    line = SerialLine(modem_end, 3_000_000)
+    with trio.fail_after(5):
+        await host.send_all(b"AT+QISEND=0,5\r")
+        got = b""
+        while not got.endswith(b"\r"):
+            got += await line.receive()  # paced: arrives after its line time
+        line.put(b"\r\n> ")
+        assert line.pending == 0
+        assert await host.receive_some(64) == b"\r\n> "
+        long_frame = pattern(2000)  # 6.7 ms of line
+        line.put(long_frame)
+        assert line.pending == len(long_frame)
+        line.close()
+    await host.aclose()
+    await modem_end.aclose()
