@@ -465,7 +465,10 @@ class SerialLine:
         """
         if self._fd >= 0:
             return await self._receive_fd()
-        data = await self._stream.receive_some(self._read_size)
+        if self._paced_fd >= 0:
+            data = await self._wait_and_read(self._paced_fd)  # one round, as unthrottled
+        else:
+            data = bytes(await self._stream.receive_some(self._read_size))
         if data and self.rate is not None:
             # Data read within SLACK of the previous chunk's arrival was already waiting: the
             # line was busy the whole time, so it arrives right after that chunk. Restarting
@@ -477,7 +480,7 @@ class SerialLine:
                 assert self._read_timer is not None
                 await self._read_timer.sleep_until(self._in_time)
         self.bytes_in += len(data)
-        return bytes(data)
+        return data
 
     async def _receive_fd(self) -> bytes:
         """Unthrottled on an fd: one wait, one read (FdStream.receive_some takes a checkpoint,
@@ -488,16 +491,19 @@ class SerialLine:
             if data is not None:
                 return data
         self._hold_run_end = 0.0
+        data = await self._wait_and_read(self._fd)
+        self.bytes_in += len(data)
+        return data
+
+    async def _wait_and_read(self, fd: int) -> bytes:
         while True:
-            await trio.lowlevel.wait_readable(self._fd)
+            await trio.lowlevel.wait_readable(fd)
             try:
-                data = os.read(self._fd, self._read_size)
+                return os.read(fd, self._read_size)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(f"line read failed: {exc}") from exc
-            self.bytes_in += len(data)
-            return data
 
     def _read_held(self) -> bytes | None:
         """The host's answer to the reply just written, read in a blocking poll of up to
