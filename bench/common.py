@@ -391,3 +391,25 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"
+
+
+def floor_clients(script: str, clients: list[str], mb: float, rounds: int) -> None:
+    """The floor scripts' comparison: run `script --client NAME --mb MB` in a fresh process (its
+    own rusage; it prints "MB/s CPU-s-per-MB") for every client, round after round interleaved
+    (a noisy moment hits all alike), and print each client's medians."""
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
+    for _ in range(rounds):
+        for name in clients:
+            done = subprocess.run(
+                [sys.executable, script, "--client", name, "--mb", str(mb)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rate, cpu = done.stdout.split()
+            results[name].append((float(rate), float(cpu)))
+    width = max(len(name) for name in clients)
+    for name, runs in results.items():
+        rate = statistics.median(r for r, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"{name:{width}} {rate:7.2f} MB/s  {cpu:.4f} CPU-s/MB")

@@ -28,7 +28,6 @@ import re
 import resource
 import select
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -153,18 +152,6 @@ def driver(fd: int, out: socket.socket, total: int) -> None:
 CLIENTS = {"copy": copy, "frames": frames, "driver": driver}
 
 
-def measure(name: str, mb: float) -> tuple[float, float]:
-    """Run one client in a fresh process (its own rusage); (MB/s, CPU-s per MB)."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--client", name, "--mb", str(mb)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rate, cpu = done.stdout.split()
-    return float(rate), float(cpu)
-
-
 def run_client(name: str, mb: float) -> None:
     main_fd, sub_fd = pty.openpty()
     tty.setraw(main_fd)
@@ -209,17 +196,10 @@ def main() -> None:
     if args.client:
         run_client(args.client, args.mb)
         return
-    from common import machine
+    from common import floor_clients, machine
 
     print(f"machine: {machine()}; {args.mb:g} MB of payload per run, median of {args.rounds}")
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in CLIENTS}
-    for _ in range(args.rounds):
-        for name in CLIENTS:  # interleaved: a noisy moment hits all three alike
-            results[name].append(measure(name, args.mb))
-    for name, runs in results.items():
-        rate = statistics.median(r for r, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        print(f"{name:7} {rate:7.2f} MB/s  {cpu:.4f} CPU-s/MB")
+    floor_clients(__file__, list(CLIENTS), args.mb, args.rounds)
 
 
 if __name__ == "__main__":

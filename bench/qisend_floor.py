@@ -21,7 +21,6 @@ import contextlib
 import os
 import pty
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -104,18 +103,6 @@ def driver(fd: int, payload: bytes, count: int) -> None:
 CLIENTS = {"blocking": blocking, "trio": bare_trio, "driver": driver}
 
 
-def measure(name: str, mb: float) -> tuple[float, float]:
-    """Run one client in a fresh process (its own rusage); (MB/s, CPU-s per MB)."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--client", name, "--mb", str(mb)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    rate, cpu = done.stdout.split()
-    return float(rate), float(cpu)
-
-
 def run_client(name: str, mb: float) -> None:
     main_fd, sub_fd = pty.openpty()
     tty.setraw(main_fd)
@@ -152,17 +139,10 @@ def main() -> None:
     if args.client:
         run_client(args.client, args.mb)
         return
-    from common import machine
+    from common import floor_clients, machine
 
     print(f"machine: {machine()}; {args.mb:g} MB per run, median of {args.rounds} rounds")
-    results: dict[str, list[tuple[float, float]]] = {name: [] for name in CLIENTS}
-    for _ in range(args.rounds):
-        for name in CLIENTS:  # interleaved: a noisy moment hits all three alike
-            results[name].append(measure(name, args.mb))
-    for name, runs in results.items():
-        rate = statistics.median(r for r, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        print(f"{name:9} {rate:6.2f} MB/s  {cpu:.4f} CPU-s/MB")
+    floor_clients(__file__, list(CLIENTS), args.mb, args.rounds)
 
 
 if __name__ == "__main__":
