@@ -322,6 +322,8 @@ class Daemon:
                     "timeouts": stats.timeouts,
                     "garbage_lines": stats.garbage_lines,
                     "restarts_seen": stats.reboots_seen,
+                    "held_reads": stats.held_reads,
+                    "hold_misses": stats.hold_misses,
                 }
                 if stats is not None
                 else {}

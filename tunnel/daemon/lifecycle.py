@@ -193,6 +193,8 @@ class Counters:
     serial_bytes_out: int = 0
     garbage_lines: int = 0
     reboots_seen: int = 0  # RDY
+    held_reads: int = 0  # answers the serial reader waited for itself (engine.HOLD_WAIT)
+    hold_misses: int = 0  # such waits the answer did not come in
     flows_opened: int = 0
     flows_reclaimed: int = 0
     flows_idle_closed: int = 0
@@ -212,6 +214,8 @@ class Counters:
             serial_bytes_out=self.serial_bytes_out + stats.bytes_out,
             garbage_lines=self.garbage_lines + stats.garbage_lines,
             reboots_seen=self.reboots_seen + stats.reboots_seen,
+            held_reads=self.held_reads + stats.held_reads,
+            hold_misses=self.hold_misses + stats.hold_misses,
         )
 
     def plus_pool(self, pool: SocketPool) -> "Counters":

@@ -173,6 +173,10 @@ class DaemonCollector(Collector):
         counter("uc20_serial_bytes_out", "Bytes written to the serial port",
                 counts.serial_bytes_out)  # fmt: skip
         counter("uc20_garbage_lines", "Unparsable lines from the modem", counts.garbage_lines)
+        counter("uc20_serial_held_reads", "Answers the serial reader waited for in a held wait",
+                counts.held_reads)  # fmt: skip
+        counter("uc20_serial_hold_misses", "Held waits the answer did not come in",
+                counts.hold_misses)  # fmt: skip
         counter("uc20_dns_lookups", "Name lookups sent to the modem (AT+QIDNSGIP)",
                 dns["lookups"])  # fmt: skip
         counter("uc20_dns_cache_hits", "Name lookups answered by the cache", dns["cache_hits"])

@@ -53,6 +53,8 @@ def _status(a: dict[str, Any]) -> str:
             f"{m['commands']} commands, {m['timeouts']} timeouts, "
             f"{m['garbage_lines']} garbage lines, {m['restarts_seen']} RDY seen"
         )
+        if m.get("held_reads") or m.get("hold_misses"):
+            lines.append(f"  held reads {m.get('held_reads', 0)}, {m.get('hold_misses', 0)} missed")
     else:
         lines.append(f"modem: not available (device {a['device']})")
     modems = a.get("modems") or []

@@ -19,7 +19,7 @@ from proxy import ListenError
 from tests.e2e.harness import Tunnel, start_tunnel
 from tests.helpers import echo_handler, receive_exactly, serve_tcp, socks_connect
 from tests.tunnel.daemon.test_supervisor import BrokenNetworkModem
-from tunnel.daemon import cli, control
+from tunnel.daemon import cli, control, render
 from tunnel.daemon.app import Daemon
 from tunnel.daemon.config import Settings
 from tunnel.daemon.lifecycle import Phase
@@ -130,6 +130,19 @@ async def test_counters_move_by_what_the_traffic_did(nursery) -> None:
             assert moved("uc20_serial_bytes_in_total") > sum(sizes)
             assert value(after, "uc20_flows_open", modem=m, kind="tcp") == 0
             assert moved("uc20_command_timeouts_total") == 0
+            # The reader's held waits, as the live session counts them (one session so far);
+            # the 50,000 bytes went as a chained burst, whose answers it waits for itself: in
+            # this one process the emulator cannot answer meanwhile, so those waits miss.
+            stats = t.daemon.modem.stats
+            assert value(after, "uc20_serial_held_reads_total", modem=m) == stats.held_reads
+            assert value(after, "uc20_serial_hold_misses_total", modem=m) == stats.hold_misses
+            assert moved("uc20_serial_hold_misses_total") >= 1
+            # ... and so does `uc20-tunnel status`, in JSON and in words.
+            answer = await control.request(t.daemon.settings.control, {"cmd": "status"})
+            assert answer["modem"]["held_reads"] == stats.held_reads
+            assert answer["modem"]["hold_misses"] == stats.hold_misses
+            words = f"held reads {stats.held_reads}, {stats.hold_misses} missed"
+            assert words in render.human("status", answer)
 
             # SEND FAIL (2.7: buffer full, nothing taken): each retried, each counted, and the
             # bytes counted once, when the modem took them.
@@ -243,10 +256,13 @@ COUNTERS = (
     "uc20_flows_opened_total", "uc20_bytes_up_total", "uc20_bytes_down_total",
     "uc20_at_commands_total", "uc20_serial_bytes_in_total", "uc20_serial_bytes_out_total",
     "uc20_dns_lookups_total", "uc20_sessions_total", "uc20_modem_reboots_seen_total",
+    "uc20_serial_held_reads_total", "uc20_serial_hold_misses_total",
 )  # fmt: skip
 
 
 def assert_not_backwards(before: Samples, after: Samples) -> None:
+    names = {name for name, _ in before}
+    assert names >= set(COUNTERS), f"not on the page: {sorted(set(COUNTERS) - names)}"
     for key, old in before.items():
         if key[0].endswith("_total"):
             assert after[key] >= old, f"{key[0]} went from {old} to {after[key]}"
