@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -393,15 +393,17 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"
 
 
-def floor_clients(script: str, clients: list[str], mb: float, rounds: int) -> None:
-    """The floor scripts' comparison: run `script --client NAME --mb MB` in a fresh process (its
-    own rusage; it prints "MB/s CPU-s-per-MB") for every client, round after round interleaved
-    (a noisy moment hits all alike), and print each client's medians."""
+def floor_clients(
+    script: str, clients: list[str], mb: float, rounds: int, extra: Sequence[str] = ()
+) -> None:
+    """The floor scripts' comparison: run `script --client NAME --mb MB *extra` in a fresh
+    process (its own rusage; it prints "MB/s CPU-s-per-MB") for every client, round after round
+    interleaved (a noisy moment hits all alike), and print each client's medians."""
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in clients}
     for _ in range(rounds):
         for name in clients:
             done = subprocess.run(
-                [sys.executable, script, "--client", name, "--mb", str(mb)],
+                [sys.executable, script, "--client", name, "--mb", str(mb), *extra],
                 capture_output=True,
                 text=True,
                 check=True,

@@ -1,6 +1,6 @@
 """What one AT+QISEND exchange per 1460 bytes costs at the least, against what the driver pays.
 
-    .venv/bin/python bench/qisend_floor.py [--mb 8] [--rounds 3]
+    .venv/bin/python bench/qisend_floor.py [--mb 8] [--rounds 3] [--turnaround US]
 
 No emulator and no SOCKS: a minimal responder process on a pty answers `> ` to each
 AT+QISEND=0,<n> line and `SEND OK` once it has the n bytes (blocking reads and writes, a few
@@ -12,6 +12,13 @@ being what the manual requires (command, prompt, payload, SEND OK; one in flight
   awaited) and nothing else: the floor of any trio implementation that waits for each answer;
 - driver: tunnel.modem.engine.Modem.send_burst, the daemon's own code path.
 Printed: MB/s and the client's CPU-seconds per MB (user + system), median of the rounds.
+
+--turnaround US makes the responder take that long (busy, on its own core) before each answer,
+as the emulator does (~100-150 us) and a modem does: the same client code then pays more per
+exchange, since the CPU it waits on goes to other work meanwhile and the client comes back to
+cold caches (and to the pty's kworker on its core). The client does no more work; it only waits
+longer. This is why the daemon's upload CPU against the emulator is above the driver's against
+the bare responder.
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ CHUNK = 1460
 LINE = b"AT+QISEND=0,%d\r" % CHUNK
 
 
-def responder(fd: int) -> None:
+def responder(fd: int, turnaround: float) -> None:
+    def think() -> None:
+        end = time.perf_counter() + turnaround
+        while time.perf_counter() < end:
+            pass
+
     buf = b""
     while True:
         while b"\r" not in buf:
@@ -43,10 +55,12 @@ def responder(fd: int) -> None:
             buf += data
         line, buf = buf.split(b"\r", 1)
         need = int(line.split(b",")[1])
+        think()
         os.write(fd, b"\r\n> ")
         while len(buf) < need:
             buf += os.read(fd, 65536)
         buf = buf[need:]
+        think()
         os.write(fd, b"\r\nSEND OK\r\n")
 
 
@@ -103,12 +117,13 @@ def driver(fd: int, payload: bytes, count: int) -> None:
 CLIENTS = {"blocking": blocking, "trio": bare_trio, "driver": driver}
 
 
-def run_client(name: str, mb: float) -> None:
+def run_client(name: str, mb: float, turnaround: float) -> None:
     main_fd, sub_fd = pty.openpty()
     tty.setraw(main_fd)
     tty.setraw(sub_fd)
     peer = subprocess.Popen(
-        [sys.executable, __file__, "--responder", str(main_fd)], pass_fds=[main_fd]
+        [sys.executable, __file__, "--responder", str(main_fd), "--turnaround", str(turnaround)],
+        pass_fds=[main_fd],
     )
     os.close(main_fd)
     payload = bytes(range(256)) * (CHUNK // 256) + bytes(CHUNK % 256)
@@ -130,19 +145,25 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mb", type=float, default=8.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--turnaround", type=float, default=0.0, metavar="US",
+                    help="the responder's time per answer, microseconds (default 0)")  # fmt: skip
     ap.add_argument("--client", choices=list(CLIENTS), help=argparse.SUPPRESS)
     ap.add_argument("--responder", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.responder is not None:
-        responder(args.responder)
+        responder(args.responder, args.turnaround / 1e6)
         return
     if args.client:
-        run_client(args.client, args.mb)
+        run_client(args.client, args.mb, args.turnaround)
         return
     from common import floor_clients, machine
 
-    print(f"machine: {machine()}; {args.mb:g} MB per run, median of {args.rounds} rounds")
-    floor_clients(__file__, list(CLIENTS), args.mb, args.rounds)
+    print(
+        f"machine: {machine()}; {args.mb:g} MB per run, median of {args.rounds} rounds; "
+        f"responder turnaround {args.turnaround:g} us"
+    )
+    floor_clients(__file__, list(CLIENTS), args.mb, args.rounds,
+                  ["--turnaround", str(args.turnaround)])  # fmt: skip
 
 
 if __name__ == "__main__":
