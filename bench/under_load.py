@@ -1,16 +1,17 @@
 """SOCKS CONNECT latency while uploads keep the serial line busy (the QISEND hot path's fairness).
 
     .venv/bin/python bench/under_load.py [--baud 921600] [--uploads 2] [--connects 40]
-                                          [--rounds 3] [--baseline PATH]
+                                          [--rounds 3] [--baseline PATH] [--load up|down]
 
 `--uploads` curl PUTs (3 s of line time each; 8 MiB unthrottled) run back to back through the
-daemon for the whole measurement; meanwhile sequential SOCKS5 CONNECTs (to a loopback
-listener, by IPv4 literal) are timed from the request sent to the success reply read, each
-closed before the next. The median and p95 of each round are printed, then the medians over
-rounds. With `--baseline PATH` (another build's `uc20-tunnel`, e.g. a checkout of an older
-commit), the same is measured on that daemon too, round by round in turn with ours on the same
-emulator build, and the ratio ours/baseline of the round medians is printed: compare ratios on
-a shared machine, never single figures.
+daemon for the whole measurement (`--load down`: curl GETs of as much, the download hot path's
+fairness instead: the serial reader's gathering pauses); meanwhile sequential SOCKS5 CONNECTs
+(to a loopback listener, by IPv4 literal) are timed from the request sent to the success reply
+read, each closed before the next. The median and p95 of each round are printed, then the
+medians over rounds. With `--baseline PATH` (another build's `uc20-tunnel`, e.g. a checkout of
+an older commit), the same is measured on that daemon too, round by round in turn with ours on
+the same emulator build, and the ratio ours/baseline of the round medians is printed: compare
+ratios on a shared machine, never single figures.
 
 A CONNECT under upload load waits for the command lock: for the chunk in flight (1460 bytes,
 16 ms of line at 921600 baud) and for nobody else, if the sender hands the line over between
@@ -42,9 +43,10 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 class Uploads:
-    """`count` threads, each uploading `path` through SOCKS again and again until stopped."""
+    """`count` threads, each uploading `path` (None: downloading `url`) through SOCKS again and
+    again until stopped."""
 
-    def __init__(self, socks_port: int, url: str, path: Path, count: int) -> None:
+    def __init__(self, socks_port: int, url: str, path: Path | None, count: int) -> None:
         self._stop = threading.Event()
         self.done = 0
         self.errors: list[BaseException] = []
@@ -53,7 +55,7 @@ class Uploads:
             for _ in range(count)
         ]
 
-    def _run(self, socks_port: int, url: str, path: Path) -> None:
+    def _run(self, socks_port: int, url: str, path: Path | None) -> None:
         while not self._stop.is_set():
             try:
                 curl(socks_port, url, upload=path)
@@ -117,6 +119,7 @@ def main() -> None:
     ap.add_argument("--connects", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", type=Path, help="another build's uc20-tunnel to compare")
+    ap.add_argument("--load", choices=["up", "down"], default="up")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     ours = common.BIN
@@ -126,7 +129,7 @@ def main() -> None:
     # Short uploads at a paced rate: stopping waits for the ones under way.
     body = random.Random(5).randbytes(int(args.baud / 10 * 3) if args.baud else 8 * MiB)
     with (
-        http_server({}) as http_port,
+        http_server({"down": body}) as http_port,
         listener() as port,
         tempfile.TemporaryDirectory() as d,
         contextlib.ExitStack() as stack,
@@ -140,22 +143,23 @@ def main() -> None:
                 common.tunnel(args.baud or None, emulator_command=emulator)
             )
         common.BIN = ours
-        url = f"http://127.0.0.1:{http_port}/up"
+        url = f"http://127.0.0.1:{http_port}/{args.load}"
+        load_src = src if args.load == "up" else None
         for rnd in range(args.rounds):
             for name, _ in builds:
                 t = tunnels[name]
                 idle = statistics.median(connects(t.socks_port, port, 10))
-                with Uploads(t.socks_port, url, src, args.uploads) as load:
+                with Uploads(t.socks_port, url, load_src, args.uploads) as load:
                     time.sleep(1.0)  # the uploads are under way
                     times = connects(t.socks_port, port, args.connects)
                 if load.errors:
-                    raise RuntimeError(f"upload failed: {load.errors[0]!r}")
+                    raise RuntimeError(f"transfer failed: {load.errors[0]!r}")
                 med = statistics.median(times)
                 medians[name].append(med)
                 print(
                     f"round {rnd} {name}: idle median {idle * 1000:.1f} ms; under "
-                    f"{args.uploads} uploads median {med * 1000:.1f} ms, "
-                    f"p95 {percentile(times, 0.95) * 1000:.1f} ms ({load.done} uploads done)",
+                    f"{args.uploads} {args.load}loads median {med * 1000:.1f} ms, "
+                    f"p95 {percentile(times, 0.95) * 1000:.1f} ms ({load.done} done)",
                     flush=True,
                 )
     for name, _ in builds:
