@@ -13,6 +13,7 @@ import hashlib
 import http.server
 import os
 import re
+import resource
 import shutil
 import socket
 import statistics
@@ -22,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -391,6 +392,16 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{cpu}, {os.cpu_count()} cores, Python {sys.version.split()[0]}"
+
+
+def print_client_cost(work: Callable[[], None], megabytes: float) -> None:
+    """Run `work` (a floor script's client moving `megabytes`) and print what `floor_clients`
+    reads back: MB/s and this process's CPU-seconds (user + system) per MB."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    work()
+    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    print(f"{megabytes / (t1 - t0):.3f} {cpu / megabytes:.5f}")
 
 
 def floor_clients(

@@ -25,7 +25,6 @@ import argparse
 import os
 import pty
 import re
-import resource
 import select
 import socket
 import subprocess
@@ -172,14 +171,14 @@ def run_client(name: str, mb: float) -> None:
         pass_fds=[main_fd],
     )
     os.close(main_fd)
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    CLIENTS[name](sub_fd, ours, total)
-    finished.wait(60)
-    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    from common import print_client_cost
+
+    def work() -> None:
+        CLIENTS[name](sub_fd, ours, total)
+        finished.wait(60)
+
+    print_client_cost(work, total / 1e6)
     peer.kill()
-    moved = total / 1e6
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(f"{moved / (t1 - t0):.3f} {cpu / moved:.5f}")
 
 
 def main() -> None:

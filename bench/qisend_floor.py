@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import os
 import pty
-import resource
 import subprocess
 import sys
 import time
@@ -132,13 +131,10 @@ def run_client(name: str, mb: float, turnaround: float) -> None:
         import trio  # noqa: F401 - imported before the clock starts: start-up is not counted
 
         import tunnel.modem.engine  # noqa: F401
-    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
-    CLIENTS[name](sub_fd, payload, count)
-    r1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.monotonic()
+    from common import print_client_cost
+
+    print_client_cost(lambda: CLIENTS[name](sub_fd, payload, count), count * CHUNK / 1e6)
     peer.kill()
-    sent = count * CHUNK / 1e6
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    print(f"{sent / (t1 - t0):.3f} {cpu / sent:.5f}")
 
 
 def main() -> None:
